@@ -1,0 +1,26 @@
+"""Errors a user can cause. Each message says what to do; the CLI prints it on one line, the server
+maps it to a 4xx JSON body."""
+
+
+class KuaidaError(Exception):
+    """Base class of every error a user can cause (bad path, bad file, too-long prompt, ...)."""
+
+
+class ModelNotFoundError(KuaidaError):
+    """The model path or name does not exist."""
+
+
+class ModelFormatError(KuaidaError):
+    """The path exists but is not a model we can read (not a HF directory, not a GGUF file)."""
+
+
+class UnsupportedModelError(KuaidaError):
+    """The checkpoint's architecture or a feature of it is not supported."""
+
+
+class ContextLengthError(KuaidaError):
+    """A prompt (plus the tokens asked for) does not fit the model's context window."""
+
+
+class InvalidArgumentError(KuaidaError):
+    """A parameter is out of range (temperature < 0, top_p > 1, unknown dtype, ...)."""

@@ -1,0 +1,160 @@
+"""A Llama-family decoder in plain PyTorch (Llama, Qwen2, Mistral, SmolLM).
+
+The model knows nothing of sampling, quantization or serving: quantization swaps its nn.Linear modules
+for others (kuaida.compress.quantize), the engine drives it through `forward`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kuaida.engine.kv_cache import KVCache
+from kuaida.model.args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as transformers' LlamaRMSNorm so fp32 results match bit for bit.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], with linear or llama3 scaling when the config asks."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if not s:
+        return inv_freq
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(mid, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(args.dim, q_out, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(q_out, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache_fn) -> torch.Tensor:
+        B, T, _ = x.shape  # batch, new tokens, model width
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin  # cos, sin: [B, 1, T, D]
+        k = k * cos + rotate_half(k) * sin
+        if cache_fn is not None:
+            k, v = cache_fn(k, v)  # [B, Hkv, S, D]: the cached prefix plus these tokens
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask, cache_fn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_fn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Module names follow Hugging Face's (`model.layers.0.self_attn.q_proj`, without the `model.`
+    prefix) so the weight converter is a rename of a few top-level keys."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def new_cache(self, batch: int = 1, max_seq: int | None = None) -> KVCache:
+        """A KV cache sized for this model: `batch` rows of up to `max_seq` tokens each."""
+        a = self.args
+        return KVCache(a.n_layers, batch, a.n_kv_heads, min(max_seq or a.max_seq_len, a.max_seq_len), a.head_dim,
+                       dtype=self.embed_tokens.weight.dtype)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, D]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                rows: slice | torch.Tensor = slice(0, 1), last_only: bool = False) -> torch.Tensor:
+        """tokens, positions: [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
+
+        With a KVCache, each row b writes its new keys at positions[b] into cache row rows[b] and
+        attends to everything up to that position; without one, plain causal attention over `tokens`.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T).expand(B, T)
+        cos, sin = self.rope(positions)
+        mask, cache_fns = None, [None] * len(self.layers)
+        if cache is not None:
+            span = int(positions.max()) + 1  # keys to attend to: the longest row's prefix
+            if B == 1 and T == 1:
+                mask = None  # one query that sees every cached key: no mask needed
+            else:
+                key_pos = torch.arange(span)
+                mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+            cache_fns = [
+                (lambda k, v, i=i: cache.update(i, positions, k, v, rows, span)) for i in range(len(self.layers))
+            ]
+        x = self.embed_tokens(tokens)  # [B, T, dim]
+        for layer, cache_fn in zip(self.layers, cache_fns):
+            x = layer(x, cos, sin, mask, cache_fn)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
