@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kuaida.engine.kv_cache import KVCache
+from kuaida.model.kv_cache import KVCache
 from kuaida.model.args import ModelArgs
 
 

@@ -1,4 +1,6 @@
-"""A preallocated key/value cache: one buffer per layer, rows are sequences ("slots")."""
+"""A preallocated key/value cache the model writes into: one buffer per layer, rows are sequences.
+
+The engine decides which row serves which conversation and how long a prefix stays cached."""
 from __future__ import annotations
 
 import torch
