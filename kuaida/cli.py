@@ -1,0 +1,82 @@
+"""The `kuaida` command line: a table of typed functions (typer); each option's help is its doc."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from kuaida.errors import KuaidaError
+
+app = typer.Typer(help="kuaida (快答): make generative dialogue models answer fast.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+err = Console(stderr=True)
+
+MODEL_HELP = "'default' (SmolLM2-135M-Instruct, shipped offline), a Hugging Face model directory, or a .gguf file."
+DTYPE_HELP = "Weight precision: fp32, bf16, int8 or int4 (int8/int4 use kuaida's AVX2 kernels)."
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print errors a user can cause as one line and exit 2, never a stack trace."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KuaidaError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130)
+    return wrapper
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what kuaida does (INFO level).")):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+
+
+@app.command()
+@user_errors
+def info(model: str = typer.Argument("default", help=MODEL_HELP)):
+    """Describe a model without loading its weights: format, architecture, backend, size."""
+    from kuaida.model.loader import describe
+
+    for key, value in describe(model).items():
+        typer.echo(f"{key:>16}: {value}")
+
+
+@app.command()
+@user_errors
+def chat(
+    model: str = typer.Argument("default", help=MODEL_HELP),
+    dtype: str = typer.Option("int8", help=DTYPE_HELP),
+    system: Optional[str] = typer.Option(None, help="System prompt (persona) for the conversation."),
+    max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature; 0 = greedy (deterministic)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest token set of this probability."),
+    top_k: int = typer.Option(0, help="Keep only the k most likely tokens (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalize tokens already seen (1.0 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
+    max_context: Optional[int] = typer.Option(None, help="KV-cache length in tokens (default: the model's)."),
+):
+    """Chat in the terminal: streaming replies, multi-turn history, /reset, /system TEXT, /quit.
+
+    When stdin is not a terminal, each input line is one user turn and each reply is printed on stdout
+    (speed figures go to stderr), so a conversation can be scripted.
+    """
+    from kuaida.bot import load
+    from kuaida.chat_repl import ChatSession
+    from kuaida.engine.sampling import SamplingParams
+
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    repetition_penalty=repetition_penalty, seed=seed)
+    SamplingParams(**sampling)  # validate before the (slow) model load
+    with err.status(f"loading {model} ({dtype}) ..."):
+        bot = load(model, dtype=dtype, max_context=max_context)
+    ChatSession(bot, sampling, system, interactive=sys.stdin.isatty(), console=err).run(sys.stdin)
