@@ -118,7 +118,7 @@ class Engine:
                stats: GenerationStats | None = None) -> Iterator[str]:
         """Text pieces of the reply: valid UTF-8 always, stop strings cut (not included)."""
         stats = stats if stats is not None else GenerationStats()
-        detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        detok = IncrementalDetokenizer(tokenizer)  # no prompt context: a chat reply starts clean
         stopper = StopMatcher(params.stop)
         tokens = self.generate(prompt_ids, params, stats)
         for token in tokens:
