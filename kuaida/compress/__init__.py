@@ -1,0 +1,1 @@
+"""Offline compression: model -> model transforms (quantization, ...)."""

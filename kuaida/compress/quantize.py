@@ -1,0 +1,133 @@
+"""Weight-only quantization: a model -> model transform that swaps nn.Linear for quantized modules.
+
+    model = quantize(model, "int4")          # in place; returns the model
+
+Formats (kuaida/kernels/reference.py): int8 symmetric and int4 asymmetric (scale + min), both per group of
+`group_size` weights along K with fp16 scales; bf16 weights. Activations stay fp32 at the interface.
+
+Loading a quantized checkpoint: build the model on the meta device, `quantize` it (every step here is plain
+tensor math, so on meta it only creates empty buffers of the right shapes), then
+`model.load_state_dict(state_dict, assign=True)`. The state dict holds `qweight`, `scales`, (`mins`) and
+`bias` per quantized layer; the group size must match the one used to write it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kuaida import kernels
+from kuaida.errors import InvalidArgumentError
+from kuaida.kernels import reference
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("fp32", "bf16", "int8", "int4")
+
+# Rows from which upcasting bf16 weights to fp32 GEMM beats bf16 GEMM (benchmarks/results/kernels.md).
+BF16_UPCAST_MIN_ROWS = 16
+
+
+class _QuantLinear(nn.Module):
+    """Shared shape bookkeeping and fp32 bias of the quantized linear layers."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(_QuantLinear):
+    """int8 weights, symmetric per group: qweight int8 [N, K], scales fp16 [N, K / group_size]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(qweight.shape[1], qweight.shape[0], bias)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int8Linear":
+        return cls(*reference.quantize_int8(linear.weight.detach(), group_size), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_linear(x, self.qweight, self.scales, self.bias)
+
+
+class Int4Linear(_QuantLinear):
+    """int4 weights, asymmetric per group: qweight uint8 [N, K / 2], scales and mins fp16 [N, K / group_size]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__(qweight.shape[1] * 2, qweight.shape[0], bias)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
+        return cls(*reference.quantize_int4(linear.weight.detach(), group_size), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int4_linear(x, self.qweight, self.scales, self.mins, self.bias)
+
+
+class BF16Linear(_QuantLinear):
+    """bf16 weight [N, K]. Few rows (decode): bf16 GEMM (oneDNN), which reads half the bytes of fp32.
+    Many rows (prefill): bf16 GEMM is several times slower than fp32 on CPUs without bf16 arithmetic, so
+    upcast the weight and use fp32 GEMM."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("weight", weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "BF16Linear":
+        """group_size is unused (bf16 has no groups); accepted so every format builds the same way."""
+        return cls(linear.weight.detach().bfloat16(), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] >= BF16_UPCAST_MIN_ROWS:
+            return F.linear(x.float(), self.weight.float(), self.bias)
+        y = F.linear(x.bfloat16(), self.weight).float()
+        return y if self.bias is None else y + self.bias
+
+
+_MODULES: dict[str, type[_QuantLinear]] = {"bf16": BF16Linear, "int8": Int8Linear, "int4": Int4Linear}
+
+
+def _quantizable(name: str, linear: nn.Linear, group_size: int) -> bool:
+    if linear.in_features % group_size:
+        log.info("keeping %s in fp32: in_features=%d is not a multiple of group_size=%d",
+                 name, linear.in_features, group_size)
+        return False
+    return True
+
+
+def quantize(model: nn.Module, dtype: str, group_size: int = 32) -> nn.Module:
+    """Replace (in place) every nn.Linear in `model.layers` and `model.lm_head` by the `dtype` module.
+
+    The embedding keeps its fp32 weight even when lm_head shares it (tied): only the lm_head module is
+    replaced. "fp32" returns the model unchanged. Layers whose in_features is not a multiple of
+    group_size stay fp32 (logged)."""
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if group_size <= 0 or group_size % reference.BLOCK:
+        raise InvalidArgumentError(f"group_size must be a positive multiple of {reference.BLOCK}, got {group_size}")
+    if dtype == "fp32":
+        return model
+    cls = _MODULES[dtype]
+    targets = [(f"layers.{n}", m) for n, m in model.layers.named_modules() if isinstance(m, nn.Linear)]
+    if isinstance(model.lm_head, nn.Linear):
+        targets.append(("lm_head", model.lm_head))
+    done = 0
+    for name, linear in targets:
+        if _quantizable(name, linear, group_size):
+            model.set_submodule(name, cls.from_linear(linear, group_size))
+            done += 1
+    log.info("quantized %d of %d linear layers to %s (group %d)", done, len(targets), dtype, group_size)
+    return model

@@ -1,0 +1,175 @@
+"""The quantized matmul kernels against the reference math, and the PyTorch fallback.
+
+Tolerances. The kernels quantize activations to int8 per 32-block (d = absmax / 127, round to nearest),
+so each x_i moves by at most absmax_b / 254. The kernel's result therefore differs from the exact
+dequantized-weights matmul by at most  sum_b  absmax_b / 254 * sum_{i in b} |w_i|  per output (w without
+the int4 min, whose term uses exact sums of x), plus fp32 rounding. `test_*_matches_exact` asserts that bound;
+`test_*_matches_emulation` checks the kernel against that same activation quantization done in PyTorch,
+where only summation order differs (1e-5 relative).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kuaida import kernels
+from kuaida.kernels import reference as ref
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="C++ kernels unavailable (no compiler/AVX2)")
+
+SHAPES = [(m, k, n) for m in (1, 3, 17, 64) for k in (64, 576, 1536) for n in (5, 192, 577)]
+
+
+def make(dtype: str, n: int, k: int, group: int = 32, seed: int = 0):
+    """Random weights quantized as `dtype`: (weight args for the ops, dequantized [N, K], scaled part)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if dtype == "int8":
+        q, d = ref.quantize_int8(w, group)
+        deq = ref.dequantize_int8(q, d)
+        return (q, d), deq, deq
+    q, d, m = ref.quantize_int4(w, group)
+    deq = ref.dequantize_int4(q, d, m)
+    return (q, d, m), deq, deq - m.float().repeat_interleave(group, dim=1)
+
+
+def kernel_op(dtype: str):
+    ext = kernels._load()
+    return ext.int8_linear if dtype == "int8" else ext.int4_linear
+
+
+def block_absmax(x: torch.Tensor) -> torch.Tensor:
+    """[M, K] -> per-element absmax of its 32-block, [M, K]."""
+    M, K = x.shape
+    return x.reshape(M, K // 32, 32).abs().amax(-1).repeat_interleave(32, dim=1)
+
+
+def fake_quant_acts(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation quantization, done in PyTorch with the same fp32 ops: x̂ = round(x * 127 / a) * a / 127."""
+    a = block_absmax(x)
+    # torch computes `127 / a` as 127 * (1 / a), which can differ in the last bit: divide for real.
+    inv = torch.where(a > 0, torch.full_like(a, 127).div(a), torch.zeros_like(a))
+    return (x * inv).round() * (a / 127)
+
+
+def inputs(m: int, k: int, n: int, with_bias: bool):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    return x, bias
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_kernel_matches_emulation(dtype, with_bias, m, k, n):
+    wargs, deq, scaled = make(dtype, n, k)
+    x, bias = inputs(m, k, n, with_bias)
+    y = kernel_op(dtype)(x, *wargs, bias)
+    # int4: the min term is applied to exact x; the scaled part to quantized x.
+    expect = F.linear(fake_quant_acts(x), scaled, bias) + F.linear(x, deq - scaled)
+    scale = F.linear(x.abs(), deq.abs()) + (0 if bias is None else bias.abs())
+    torch.testing.assert_close(y, expect, rtol=0, atol=(1e-5 * scale.max()).item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_kernel_matches_exact(dtype, m, k, n):
+    wargs, deq, scaled = make(dtype, n, k)
+    x, bias = inputs(m, k, n, True)
+    y = kernel_op(dtype)(x, *wargs, bias)
+    exact = F.linear(x, deq, bias)
+    bound = F.linear(block_absmax(x) / 254, scaled.abs()) * 1.001 + 1e-5 * F.linear(x.abs(), deq.abs())
+    assert ((y - exact).abs() <= bound).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("group", [64, 192])
+def test_kernel_larger_groups(dtype, group):
+    wargs, deq, scaled = make(dtype, 67, 576, group)
+    x, bias = inputs(2, 576, 67, False)
+    expect = F.linear(fake_quant_acts(x), scaled) + F.linear(x, deq - scaled)
+    torch.testing.assert_close(kernel_op(dtype)(x, *wargs, None), expect, rtol=0, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_kernel_dequantize_is_exact(dtype):
+    wargs, deq, _ = make(dtype, 33, 1536, 64)
+    ext = kernels._load()
+    out = ext.int8_dequantize(*wargs) if dtype == "int8" else ext.int4_dequantize(*wargs)
+    assert torch.equal(out, deq)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, 7, kernels.GEMM_MIN_ROWS["int8"] + 3])
+def test_dispatch_agrees_with_fallback(dtype, m, monkeypatch):
+    """The public ops (kernel or dequantize + GEMM by row count) against the pure PyTorch fallback,
+    on 3-d input: equal up to the activation-quantization bound (same bound as above)."""
+    wargs, deq, scaled = make(dtype, 192, 576)
+    x = torch.randn(1, m, 576, generator=torch.Generator().manual_seed(2))
+    op = kernels.int8_linear if dtype == "int8" else kernels.int4_linear
+    y = op(x, *wargs)
+    monkeypatch.setattr(kernels, "_load", lambda: None)
+    fallback = op(x, *wargs)
+    assert fallback.shape == y.shape == (1, m, 192)
+    torch.testing.assert_close(fallback, F.linear(x, deq), rtol=0, atol=1e-5)
+    bound = F.linear(block_absmax(x[0]) / 254, scaled.abs()) * 1.001 + 1e-5
+    assert ((y - fallback).abs()[0] <= bound).all()
+
+
+def test_build_failure_falls_back(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'kuaida_qgemm': c++ not found")
+
+    monkeypatch.delenv("KUAIDA_NO_KERNELS", raising=False)
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(kernels, "_cpu_supported", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="kuaida.kernels"):
+        assert kernels._load.__wrapped__() is None
+    assert "could not build kuaida kernels" in caplog.text and "c++ not found" in caplog.text
+
+
+def test_int4_pack_round_trip():
+    q = torch.randint(0, 16, (3, 96), dtype=torch.uint8)
+    packed = ref.pack_int4(q)
+    assert packed.shape == (3, 48)
+    assert torch.equal(packed[0, 0], q[0, 0] | (q[0, 16] << 4))
+    assert torch.equal(ref.unpack_int4(packed), q)
+
+
+def test_int4_reproduces_q4_1_weights():
+    """Weights that are already dequantized Q4_1 (fp16 d, m; q in 0..15 using the full range) come back
+    exactly: the default model's weights are such, so int4 loses nothing on them."""
+    g = torch.Generator().manual_seed(3)
+    d = (torch.rand(8, 4, 1, generator=g) * 0.01 + 1e-3).half().float()
+    m = (torch.randn(8, 4, 1, generator=g) * 0.05).half().float()
+    q = torch.randint(0, 16, (8, 4, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    w = (q * d + m).reshape(8, 128)
+    assert torch.equal(ref.dequantize_int4(*ref.quantize_int4(w, 32)), w)
+
+
+def test_int8_reproduces_q8_0_weights():
+    g = torch.Generator().manual_seed(4)
+    d = (torch.rand(8, 4, 1, generator=g) * 0.01 + 1e-3).half().float()
+    q = torch.randint(-127, 128, (8, 4, 32), generator=g).float()
+    q[..., 0] = 127
+    w = (q * d).reshape(8, 128)
+    assert torch.equal(ref.dequantize_int8(*ref.quantize_int8(w, 32)), w)
+
+
+def test_quantize_handles_constant_and_zero_groups():
+    w = torch.zeros(2, 64)
+    w[1] = 0.25
+    torch.testing.assert_close(ref.dequantize_int8(*ref.quantize_int8(w, 32)), w, rtol=0, atol=2e-3)
+    assert torch.equal(ref.dequantize_int4(*ref.quantize_int4(w, 32)), w)

@@ -1,0 +1,128 @@
+"""quantize(model, dtype): the tiny model still runs, stays close to fp32, and round-trips through safetensors.
+
+Logit tolerances (relative L2 error vs fp32, tiny random model): random Gaussian weights are the worst
+case for group quantization. Rounding to a grid of step s adds error of std s / sqrt(12): int4 groups of 32
+span ~4.1 sigma, so s / sqrt(12) = 4.1 / 15 / 3.46 = 7.9 % of a weight's size; int8 spans ~2 * 2.1 sigma
+over 254 steps, ~0.5 %; bf16 keeps 8 bits of mantissa, ~0.2 %. Bounds below are ~2x those.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kuaida import kernels
+from kuaida.compress.quantize import DTYPES, BF16Linear, Int4Linear, Int8Linear, quantize
+from kuaida.errors import InvalidArgumentError
+from kuaida.model.args import ModelArgs
+from kuaida.model.transformer import Transformer, rope_inv_freq
+
+REL_TOL = {"bf16": 0.01, "int8": 0.02, "int4": 0.16}
+MODULE = {"bf16": BF16Linear, "int8": Int8Linear, "int4": Int4Linear}
+QUANTIZED = list(MODULE)
+
+
+def tiny(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs.preset("tiny", **overrides)).eval()
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_quantized_model_close_to_fp32(dtype):
+    model = tiny()
+    expect = model(tokens())
+    embed = model.embed_tokens.weight.detach().clone()
+    assert quantize(model, dtype) is model
+    assert isinstance(model.lm_head, MODULE[dtype])
+    assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
+    # The tied embedding keeps its fp32 weight, untouched.
+    assert model.embed_tokens.weight.dtype == torch.float32 and torch.equal(model.embed_tokens.weight, embed)
+    assert rel_err(model(tokens()), expect) < REL_TOL[dtype]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_state_dict_round_trip_through_safetensors(dtype, tmp_path):
+    model = quantize(tiny(), dtype)
+    expect = model(tokens())
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    other = quantize(tiny(seed=1), dtype)
+    other.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    assert torch.equal(other(tokens()), expect)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_load_into_meta_skeleton(dtype, tmp_path):
+    """The loader's path: quantize a meta-device model (no memory, no work), then assign the tensors."""
+    model = quantize(tiny(), dtype)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        skeleton = Transformer(ModelArgs.preset("tiny"))
+    quantize(skeleton, dtype)
+    skeleton.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True)
+    skeleton.inv_freq = rope_inv_freq(skeleton.args)  # non-persistent buffer: not in the checkpoint
+    assert torch.equal(skeleton(tokens()), model(tokens()))
+
+
+def test_fp32_is_unchanged():
+    model = tiny()
+    head = model.lm_head
+    assert quantize(model, "fp32") is model and model.lm_head is head
+    assert "fp32" in DTYPES
+
+
+def test_unknown_dtype_lists_choices():
+    with pytest.raises(InvalidArgumentError, match="fp32, bf16, int8, int4"):
+        quantize(tiny(), "int3")
+    with pytest.raises(InvalidArgumentError, match="multiple of 32"):
+        quantize(tiny(), "int8", group_size=48)
+
+
+def test_layers_with_k_not_multiple_of_group_stay_fp32(caplog):
+    model = tiny(dim=48, intermediate_size=128)  # q/k/v/o/gate/up/lm_head: K = 48; down: K = 128
+    with caplog.at_level(logging.INFO, logger="kuaida.compress.quantize"):
+        quantize(model, "int4")
+    assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)
+    assert isinstance(model.lm_head, nn.Linear)
+    assert "keeping layers.0.self_attn.q_proj in fp32: in_features=48" in caplog.text
+    model(tokens())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_bias_is_kept_in_fp32(dtype):
+    model = tiny(qkv_bias=True)
+    expect = model(tokens())
+    quantize(model, dtype)
+    q_proj = model.layers[0].self_attn.q_proj
+    assert q_proj.bias.dtype == torch.float32 and "q_proj.bias" in "".join(model.state_dict())
+    assert model.layers[0].self_attn.o_proj.bias is None
+    assert rel_err(model(tokens()), expect) < REL_TOL[dtype]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_kernel_and_fallback_models_agree(dtype, monkeypatch):
+    """Whole model, kernel path vs pure PyTorch fallback: they differ only by the kernels' int8
+    activations (per 32-block), ~0.5 % of each matmul, which stays ~1 % through two layers."""
+    if not kernels.available():
+        pytest.skip("C++ kernels unavailable")
+    model = quantize(tiny(), dtype)
+    x = tokens()[:1, :5]  # 5 rows: the integer kernel, not the large-M GEMM path
+    with_kernel = model(x)
+    monkeypatch.setattr(kernels, "_load", lambda: None)
+    assert rel_err(with_kernel, model(x)) < 0.02
