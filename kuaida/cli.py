@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import typer
@@ -80,3 +81,47 @@ def chat(
     with err.status(f"loading {model} ({dtype}) ..."):
         bot = load(model, dtype=dtype, max_context=max_context)
     ChatSession(bot, sampling, system, interactive=sys.stdin.isatty(), console=err).run(sys.stdin)
+
+
+bench_app = typer.Typer(help="Benchmarks against transformers and llama.cpp; results as JSON + Markdown.",
+                        pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(ctx: typer.Context):
+    """Benchmarks. Without a subcommand: `latency` with its defaults."""
+    if ctx.invoked_subcommand is None:
+        # Parse an empty command line for `latency`: its options take their declared defaults.
+        command = ctx.command.get_command(ctx, "latency")
+        with command.make_context("latency", [], parent=ctx) as sub:
+            command.invoke(sub)
+
+
+@bench_app.command()
+@user_errors
+def latency(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    variants: str = typer.Option("all", help="Comma list of hf, fp32, bf16, int8, int4, llamacpp, or 'all'."),
+    prompts: int = typer.Option(8, help="Dialogue prompts to time (after one warm-up)."),
+    new_tokens: int = typer.Option(64, help="Tokens each variant decodes per prompt (end of turn ignored)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    md_path: Optional[Path] = typer.Option(None, "--md", help="Write the table as Markdown here."),
+):
+    """Time to first token, decode tok/s, peak RSS and agreement with fp32, per variant.
+
+    Each variant runs in its own process with 2 threads, on the same dialogue prompts. Takes minutes
+    (transformers decodes at ~8 tok/s).
+    """
+    from kuaida.bench.latency import COLUMNS, TITLE, parse_variants, run_latency
+    from kuaida.bench.report import rich_table, write_json, write_markdown
+
+    chosen = parse_variants(variants)
+    with err.status("benchmarking ...") as status:
+        report = run_latency(model, chosen, prompts, new_tokens,
+                             progress=lambda step: status.update(f"benchmarking {step} ..."))
+    Console().print(rich_table(report, COLUMNS, TITLE))
+    if json_path:
+        write_json(report, json_path)
+    if md_path:
+        write_markdown(report, COLUMNS, md_path, TITLE)
