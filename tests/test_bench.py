@@ -75,6 +75,17 @@ def test_token_clock_ignores_the_prompt():
     assert len(clock.times) == 2
 
 
+def test_peak_rss_is_the_workers_own():
+    """ru_maxrss survives exec: a worker started by a big parent would report the parent's peak."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(700 * 2**20)  # the parent's RSS: 700 MB more than the worker will ever touch
+    code = "from kuaida.bench.latency import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 10 < child < 600 and len(ballast)
+
+
 def test_parse_variants():
     assert parse_variants("all")[0] == "hf" and "llamacpp" in parse_variants("all")
     assert parse_variants("int8, fp32") == ["fp32", "int8"]  # table order
@@ -188,3 +199,34 @@ def test_bench_latency_rejects_an_unknown_variant(fake_run):
 
     result = CliRunner().invoke(app, ["bench", "latency", "--variants", "fp64"])
     assert result.exit_code == 2 and "fp64" in result.output and fake_run == []
+
+
+# -- end to end on a tiny model: every variant in its worker process -------------------------------
+@pytest.fixture
+def tiny_gguf_for_bench(make_hf_dir, tmp_path, monkeypatch):
+    """The tiny Llama as an F32 GGUF, with room for chitchat prompts (its default window is 256)."""
+    from conftest import write_llama_gguf
+
+    monkeypatch.setenv("KUAIDA_CACHE", str(tmp_path / "cache"))  # the workers convert into it
+    hf_dir = make_hf_dir("llama", tie_word_embeddings=False, max_position_embeddings=2048)
+    return write_llama_gguf(hf_dir, tmp_path / "tiny.F32.gguf")
+
+
+@pytest.mark.integration  # ~1 min: six worker processes, each importing torch and transformers
+def test_latency_end_to_end_on_a_tiny_model(tiny_gguf_for_bench):
+    from kuaida.bench.latency import VARIANTS, run_latency
+    from kuaida.bench.peers import llamacpp_missing
+
+    report = run_latency(str(tiny_gguf_for_bench), VARIANTS, n_prompts=2, new_tokens=4)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == list(VARIANTS)
+    assert report["settings"]["prompt_tokens"]["min"] > 0
+    for variant in ("hf", "fp32", "bf16", "int8", "int4"):
+        assert rows[variant]["ttft_ms"]["median"] > 0 and rows[variant]["decode_tok_s"]["median"] > 0
+    # fp32 weights everywhere: transformers and kuaida fp32 agree with the reference token for token.
+    assert rows["fp32"]["agreement"] == {"teacher_forced": 1.0, "greedy_prefix": 1.0, "identical": 2}
+    assert rows["hf"]["agreement"]["teacher_forced"] == 1.0
+    if llamacpp_missing():
+        assert rows["llamacpp"]["skipped"] == llamacpp_missing()
+    else:  # the GGUF is F32 too: same ids in, same argmax out (up to rare near-ties)
+        assert rows["llamacpp"]["agreement"]["teacher_forced"] >= 0.75

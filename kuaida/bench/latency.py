@@ -129,7 +129,15 @@ def make_runner(variant: str, model: str, reference: dict | None, context: int):
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory. On Linux from VmHWM: ru_maxrss survives exec, so a worker
+    would report its parent's peak when that is higher."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass  # not Linux: ru_maxrss (bytes on macOS) is the best there is
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def rss_mb() -> float:
