@@ -7,6 +7,7 @@ from typing import Any, TextIO
 from rich.console import Console
 
 from kuaida.bot import Bot
+from kuaida.errors import KuaidaError
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /quit"
 
@@ -43,10 +44,16 @@ class ChatSession:
         if self.interactive:
             sys.stdout.write("bot> ")
         pieces = []
-        for piece in self.bot.stream(self.messages(), **self.sampling):
-            pieces.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in self.bot.stream(self.messages(), **self.sampling):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KuaidaError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            self.history.pop()
+            sys.stdout.write("\n")
+            self.console.print(f"[bold red]error:[/] {e}", highlight=False)
+            return
         sys.stdout.write("\n")
         sys.stdout.flush()
         self.history.append({"role": "assistant", "content": "".join(pieces)})

@@ -125,3 +125,7 @@ def latency(
         write_json(report, json_path)
     if md_path:
         write_markdown(report, COLUMNS, md_path, TITLE)
+
+
+if __name__ == "__main__":
+    app()
