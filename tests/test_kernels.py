@@ -100,11 +100,13 @@ def test_kernel_larger_groups(dtype, group):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_kernel_dequantize_is_exact(dtype):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_kernel_dequantize_is_exact(dtype, bf16):
+    """fp32: bit-exact; bf16: bit-exact with torch's rounding (to nearest even)."""
     wargs, deq, _ = make(dtype, 33, 1536, 64)
     ext = kernels._load()
-    out = ext.int8_dequantize(*wargs) if dtype == "int8" else ext.int4_dequantize(*wargs)
-    assert torch.equal(out, deq)
+    out = ext.int8_dequantize(*wargs, bf16) if dtype == "int8" else ext.int4_dequantize(*wargs, bf16)
+    assert torch.equal(out, deq.bfloat16() if bf16 else deq)
 
 
 @needs_kernels

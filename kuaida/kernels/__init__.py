@@ -77,7 +77,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, bias: torch.T
     if ext is None:
         y = reference.int8_linear(x2, q, d, bias)
     elif x2.shape[0] >= GEMM_MIN_ROWS["int8"]:
-        y = F.linear(x2, ext.int8_dequantize(q, d), bias)
+        y = F.linear(x2, ext.int8_dequantize(q, d, False), bias)
     else:
         y = ext.int8_linear(x2, q, d, bias)
     return y.reshape(*x.shape[:-1], q.shape[0])
@@ -90,7 +90,7 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tens
     if ext is None:
         y = reference.int4_linear(x2, q, d, m, bias)
     elif x2.shape[0] >= GEMM_MIN_ROWS["int4"]:
-        y = F.linear(x2, ext.int4_dequantize(q, d, m), bias)
+        y = F.linear(x2, ext.int4_dequantize(q, d, m, False), bias)
     else:
         y = ext.int4_linear(x2, q, d, m, bias)
     return y.reshape(*x.shape[:-1], q.shape[0])

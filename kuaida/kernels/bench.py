@@ -43,11 +43,18 @@ def make_format(name: str, w: torch.Tensor) -> tuple[Linear, int]:
         return (lambda x: F.linear(x, wb.float())), _nbytes(wb)  # "bf16-upcast"
     if name.startswith("int8"):
         q, d = reference.quantize_int8(w, 32)
-        f = ext.int8_linear if name == "int8" else (lambda x, q, d, b: F.linear(x, ext.int8_dequantize(q, d)))
-        return (lambda x: f(x, q, d, None)), _nbytes(q, d)
+        return _int_op(name, ext.int8_linear, ext.int8_dequantize, q, d), _nbytes(q, d)
     q, d, m = reference.quantize_int4(w, 32)
-    f = ext.int4_linear if name == "int4" else (lambda x, q, d, m, b: F.linear(x, ext.int4_dequantize(q, d, m)))
-    return (lambda x: f(x, q, d, m, None)), _nbytes(q, d, m)
+    return _int_op(name, ext.int4_linear, ext.int4_dequantize, q, d, m), _nbytes(q, d, m)
+
+
+def _int_op(name: str, kernel, dequantize, *wargs: torch.Tensor) -> Linear:
+    """int8 / int4: the integer kernel; -gemm: dequantize to fp32 + GEMM; -bf16: to bf16 + bf16 GEMM."""
+    if name.endswith("-gemm"):
+        return lambda x: F.linear(x, dequantize(*wargs, False))
+    if name.endswith("-bf16"):
+        return lambda x: F.linear(x.bfloat16(), dequantize(*wargs, True)).float()
+    return lambda x: kernel(x, *wargs, None)
 
 
 def build(name: str, with_head: bool) -> tuple[list[tuple[Linear, int]], int]:
@@ -61,18 +68,18 @@ def build(name: str, with_head: bool) -> tuple[list[tuple[Linear, int]], int]:
     return ops, total
 
 
-def time_forward(ops: list[tuple[Linear, int]], rows: int, repeats: int) -> float:
-    """Median seconds to run every matmul once on `rows` activation rows."""
-    xs = {k: torch.randn(rows, k) for _, k in ops}
-    for fn, k in ops[:20]:  # warm-up: thread pool, allocator
-        fn(xs[k])
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for fn, k in ops:
-            fn(xs[k])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_forwards(formats: dict[str, list[tuple[Linear, int]]], rows: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per forward (every matmul once on `rows` rows), `repeats` times per format. Formats take
+    turns within each repeat, so load from other processes skews them alike."""
+    xs = {k: torch.randn(rows, k) for k in {k for n, k in LAYER_SHAPES + [LM_HEAD]}}
+    times: dict[str, list[float]] = {name: [] for name in formats}
+    for _ in range(repeats + 1):  # the first round warms up thread pools and the allocator
+        for name, ops in formats.items():
+            t0 = time.perf_counter()
+            for fn, k in ops:
+                fn(xs[k])
+            times[name].append(time.perf_counter() - t0)
+    return {name: t[1:] for name, t in times.items()}
 
 
 def main() -> None:
@@ -87,16 +94,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit("the kuaida kernels are not available on this machine")
-    print(f"threads={args.threads}, lm_head={'no' if args.no_head else 'yes'}, median of {args.repeats}\n")
-    print("| format | M | ms / forward | ms / token | weight MB | GB/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name in args.formats:
-        ops, nbytes = build(name, not args.no_head)
-        for rows in args.rows:
-            t = time_forward(ops, rows, args.repeats)
-            print(f"| {name} | {rows} | {t * 1e3:.1f} | {t * 1e3 / rows:.2f} | {nbytes / 1e6:.0f} "
-                  f"| {nbytes / t / 1e9:.1f} |", flush=True)
-        del ops
+    built = {name: build(name, not args.no_head) for name in args.formats}
+    formats = {name: ops for name, (ops, _) in built.items()}
+    print(f"threads={args.threads}, lm_head={'no' if args.no_head else 'yes'}, {args.repeats} repeats\n")
+    print("| format | M | ms / forward (median) | best | ms / token | weight MB | GB/s (median) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for rows in args.rows:
+        for name, ts in time_forwards(formats, rows, args.repeats).items():
+            t, nbytes = statistics.median(ts), built[name][1]
+            print(f"| {name} | {rows} | {t * 1e3:.1f} | {min(ts) * 1e3:.1f} | {t * 1e3 / rows:.2f} "
+                  f"| {nbytes / 1e6:.0f} | {nbytes / t / 1e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

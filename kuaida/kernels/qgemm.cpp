@@ -14,12 +14,18 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 32;  // activation block, int4 packing unit; the weight group is a multiple
-constexpr int kRows = 4;        // weight rows per register tile: 4 independent accumulator chains
+#ifndef KUAIDA_ROWS
+#define KUAIDA_ROWS 4
+#define KUAIDA_COLS 2
+#endif
+constexpr int kRows = KUAIDA_ROWS;  // weight rows per register tile: independent accumulator chains
+constexpr int kCols = KUAIDA_COLS;  // activation rows per register tile
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -89,8 +95,7 @@ template <bool kInt4>
 inline __m256i load_block(const uint8_t* row, int64_t b) {
   if constexpr (kInt4) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-    const __m128i low = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
   } else {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
   }
@@ -109,48 +114,96 @@ inline __m256 dot_block(__m256i w, __m256i x) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
-// fp16 per-group values of row n, expanded to one fp32 per 32-block: out [K / 32].
-void expand_groups(const uint16_t* src, const QWeight& w, int64_t n, float* out) {
-  const int64_t nb = w.K / kBlock, per_group = nb / w.groups;
-  const uint16_t* g = src + n * w.groups;
-  for (int64_t b = 0; b < nb; ++b) out[b] = _cvtsh_ss(g[b / per_group]);
+// n fp16 values -> fp32.
+void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
 }
 
+// Vectorized: a scalar loop would be one long chain of dependent FMAs per output row.
 float dot_f32(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
-// NR weight rows from n0 against all M activation rows; y [M, N]. dw, mw: scratch [NR, K / 32].
+// Per-block fp32 scales of NR weight rows from n0: dw [NR, K / 32]; and per-group fp32 mins: mw [NR, groups].
+// Expanding per block keeps the inner loop flat (one iteration per 32-block, no group bookkeeping).
 template <int NR, bool kInt4>
-void row_tile(const QWeight& w, const QActs& a, int64_t n0, int64_t M, const float* bias, float* y,
-              float* dw, float* mw) {
-  const int64_t nb = w.K / kBlock;
-  const uint8_t* rows[NR];
+void row_scales(const QWeight& w, int64_t n0, float* dw, float* mw) {
+  const int64_t nb = w.K / kBlock, G = w.groups, per_group = nb / G;
   for (int r = 0; r < NR; ++r) {
-    rows[r] = w.q + (n0 + r) * w.row_bytes;
-    expand_groups(w.d, w, n0 + r, dw + r * nb);
-    if constexpr (kInt4) expand_groups(w.m, w, n0 + r, mw + r * nb);
+    const uint16_t* d = w.d + (n0 + r) * G;
+    if (per_group == 1) {
+      half_to_float(d, dw + r * nb, nb);
+    } else {
+      for (int64_t g = 0, b = 0; g < G; ++g)
+        for (const float v = _cvtsh_ss(d[g]); b < (g + 1) * per_group; ++b) dw[r * nb + b] = v;
+    }
+    if constexpr (kInt4) half_to_float(w.m + (n0 + r) * G, mw + r * G, G);
   }
-  for (int64_t i = 0; i < M; ++i) {
-    const int8_t* xq = a.q.data() + i * w.K;
-    const float* xd = a.d.data() + i * nb;
-    __m256 acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+}
+
+// y[i0 : i0 + MR, n0 : n0 + NR] (y is [M, N]): MR x NR accumulators in registers, so each weight block
+// loaded (and unpacked) once serves MR activation rows. dw [NR, K / 32], mw [NR, groups]: from row_scales;
+// xg [M, groups]: sums of x per weight group, for the int4 min term.
+template <int MR, int NR, bool kInt4>
+void tile(const QWeight& w, const QActs& a, const float* xg, const float* dw, const float* mw, int64_t i0,
+          int64_t n0, const float* bias, float* y, bool prefetch) {
+  const int64_t nb = w.K / kBlock, G = w.groups;
+  const int8_t* xq = a.q.data() + i0 * w.K;
+  const float* xd = a.d.data() + i0 * nb;
+  const uint8_t* q = w.q + n0 * w.row_bytes;
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i wb[NR];
+    for (int r = 0; r < NR; ++r) wb[r] = load_block<kInt4>(q + r * w.row_bytes, b);
+    if (prefetch) {
+      // Re-reading a tile from L1 for more activation rows stalls the hardware prefetcher: fetch the next
+      // tile's rows ourselves.
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(q + (NR + r) * w.row_bytes + b * (kInt4 ? 16 : 32)), _MM_HINT_T0);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * w.K + b * kBlock));
+      const __m256 x_scale = _mm256_broadcast_ss(xd + i * nb + b);
       for (int r = 0; r < NR; ++r) {
-        const __m256 scale = _mm256_set1_ps(dw[r * nb + b] * xd[b]);
-        acc[r] = _mm256_fmadd_ps(dot_block<kInt4>(load_block<kInt4>(rows[r], b), x), scale, acc[r]);
+        const __m256 scale = _mm256_mul_ps(_mm256_broadcast_ss(dw + r * nb + b), x_scale);
+        acc[i][r] = _mm256_fmadd_ps(dot_block<kInt4>(wb[r], x), scale, acc[i][r]);
       }
     }
+  }
+  for (int i = 0; i < MR; ++i) {
     for (int r = 0; r < NR; ++r) {
-      float v = hsum(acc[r]);
-      if constexpr (kInt4) v += dot_f32(mw + r * nb, a.s.data() + i * nb, nb);
-      y[i * w.N + n0 + r] = bias ? v + bias[n0 + r] : v;
+      float v = hsum(acc[i][r]);
+      if constexpr (kInt4) v += dot_f32(mw + r * G, xg + (i0 + i) * G, G);
+      y[(i0 + i) * w.N + n0 + r] = bias ? v + bias[n0 + r] : v;
     }
   }
+}
+
+// NR weight rows from n0 against all M activation rows; dw, mw: scratch [NR, groups].
+template <int NR, bool kInt4>
+void row_tile(const QWeight& w, const QActs& a, const float* xg, int64_t n0, int64_t M, const float* bias,
+              float* y, float* dw, float* mw) {
+  row_scales<NR, kInt4>(w, n0, dw, mw);
+  int64_t i = 0;
+  for (; i + kCols <= M; i += kCols) tile<kCols, NR, kInt4>(w, a, xg, dw, mw, i, n0, bias, y, i == 0 && M > kCols);
+  for (; i < M; ++i) tile<1, NR, kInt4>(w, a, xg, dw, mw, i, n0, bias, y, false);
+}
+
+// Sums of x over each weight group, from the 32-block sums: [M, groups].
+std::vector<float> group_sums(const QActs& a, int64_t M, int64_t nb, int64_t G) {
+  std::vector<float> xg(M * G, 0.0f);
+  for (int64_t i = 0; i < M * nb; ++i) xg[i / (nb / G)] += a.s[i];
+  return xg;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, int64_t K) {
@@ -164,16 +217,17 @@ template <bool kInt4>
 at::Tensor qlinear(const at::Tensor& x, const QWeight& w, const std::optional<at::Tensor>& bias) {
   const int64_t M = x.size(0), nb = w.K / kBlock;
   const QActs a = quantize_acts(x.data_ptr<float>(), M, w.K);
+  const std::vector<float> xg = kInt4 ? group_sums(a, M, nb, w.groups) : std::vector<float>();
   at::Tensor y = at::empty({M, w.N}, x.options());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
   // Split rows so each thread streams at least ~16 KiB of weights: below that, waking a thread costs more.
   const int64_t grain = std::max<int64_t>(kRows, (16384 / w.row_bytes + kRows - 1) / kRows * kRows);
   at::parallel_for(0, w.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> dw(kRows * nb), mw(kInt4 ? kRows * nb : 0);
+    std::vector<float> dw(kRows * nb), mw(kRows * w.groups);
     int64_t n = begin;
-    for (; n + kRows <= end; n += kRows) row_tile<kRows, kInt4>(w, a, n, M, b, out, dw.data(), mw.data());
-    for (; n < end; ++n) row_tile<1, kInt4>(w, a, n, M, b, out, dw.data(), mw.data());
+    for (; n + kRows <= end; n += kRows) row_tile<kRows, kInt4>(w, a, xg.data(), n, M, b, out, dw.data(), mw.data());
+    for (; n < end; ++n) row_tile<1, kInt4>(w, a, xg.data(), n, M, b, out, dw.data(), mw.data());
   });
   return y;
 }
@@ -183,29 +237,55 @@ void check_bias(const std::optional<at::Tensor>& bias, int64_t N) {
               "bias: contiguous fp32 [N]");
 }
 
-// Dequantized weights, fp32 [N, K]: for large M, where fp32 GEMM (MKL) beats the integer kernel.
-template <bool kInt4>
-at::Tensor dequantize(const QWeight& w) {
-  at::Tensor out = at::empty({w.N, w.K});
-  float* o = out.data_ptr<float>();
-  const int64_t nb = w.K / kBlock;
+// 8 fp32 -> 8 bf16, rounding to nearest even (weights are finite; AVX2 has no conversion instruction).
+inline __m128i float_to_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// 8 weights as fp32 to out[0..8), as fp32 or bf16.
+template <typename T>
+inline void store8(T* out, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(out, v);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), float_to_bf16(v));
+  }
+}
+
+// Dequantized weights [N, K] as T (fp32 or bf16): for large M, where a GEMM library beats the integer kernel.
+template <bool kInt4, typename T>
+void dequantize_into(const QWeight& w, T* o) {
+  const int64_t per_group = w.K / kBlock / w.groups;
   at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> dw(nb), mw(nb, 0.0f);
     for (int64_t n = begin; n < end; ++n) {
-      expand_groups(w.d, w, n, dw.data());
-      if constexpr (kInt4) expand_groups(w.m, w, n, mw.data());
-      for (int64_t b = 0; b < nb; ++b) {
-        alignas(32) int8_t bytes[kBlock];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), load_block<kInt4>(w.q + n * w.row_bytes, b));
-        const __m256 d = _mm256_set1_ps(dw[b]), m = _mm256_set1_ps(mw[b]);
-        for (int j = 0; j < kBlock; j += 8) {
-          const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j));
-          const __m256i i = kInt4 ? _mm256_cvtepu8_epi32(v) : _mm256_cvtepi8_epi32(v);
-          _mm256_storeu_ps(o + n * w.K + b * kBlock + j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, m));
+      for (int64_t g = 0, b = 0; g < w.groups; ++g) {
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(w.d[n * w.groups + g]));
+        const __m256 m = _mm256_set1_ps(kInt4 ? _cvtsh_ss(w.m[n * w.groups + g]) : 0.0f);
+        for (int64_t end_b = b + per_group; b < end_b; ++b) {
+          alignas(32) int8_t bytes[kBlock];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), load_block<kInt4>(w.q + n * w.row_bytes, b));
+          for (int j = 0; j < kBlock; j += 8) {
+            const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j));
+            const __m256i i = kInt4 ? _mm256_cvtepu8_epi32(v) : _mm256_cvtepi8_epi32(v);
+            store8(o + n * w.K + b * kBlock + j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, m));
+          }
         }
       }
     }
   });
+}
+
+template <bool kInt4>
+at::Tensor dequantize(const QWeight& w, bool bf16) {
+  at::Tensor out = at::empty({w.N, w.K}, bf16 ? at::kBFloat16 : at::kFloat);
+  if (bf16) {
+    dequantize_into<kInt4>(w, reinterpret_cast<uint16_t*>(out.data_ptr()));
+  } else {
+    dequantize_into<kInt4>(w, out.data_ptr<float>());
+  }
   return out;
 }
 
@@ -226,15 +306,15 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return qlinear<true>(x, view_weight(q, d, &m, q.size(1) * 2), bias);
 }
 
-at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& d) {
+at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& d, bool bf16) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && d.is_contiguous(), "int8 q, fp16 d");
-  return dequantize<false>(view_weight(q, d, nullptr, q.size(1)));
+  return dequantize<false>(view_weight(q, d, nullptr, q.size(1)), bf16);
 }
 
-at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m) {
+at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m, bool bf16) {
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && d.is_contiguous() && m.is_contiguous(),
               "uint8 q, fp16 d and m");
-  return dequantize<true>(view_weight(q, d, &m, q.size(1) * 2));
+  return dequantize<true>(view_weight(q, d, &m, q.size(1) * 2), bf16);
 }
 
 }  // namespace
@@ -242,6 +322,6 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int8_linear", &int8_linear, "y = x @ dequant(q, d)^T + bias");
   mod.def("int4_linear", &int4_linear, "y = x @ dequant(q, d, m)^T + bias");
-  mod.def("int8_dequantize", &int8_dequantize, "fp32 [N, K] from int8 q and fp16 scales");
-  mod.def("int4_dequantize", &int4_dequantize, "fp32 [N, K] from packed int4 q, fp16 scales and mins");
+  mod.def("int8_dequantize", &int8_dequantize, "[N, K] fp32 (or bf16) from int8 q and fp16 scales");
+  mod.def("int4_dequantize", &int4_dequantize, "[N, K] fp32 (or bf16) from packed int4 q, fp16 scales, mins");
 }
