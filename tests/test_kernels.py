@@ -111,20 +111,28 @@ def test_kernel_dequantize_is_exact(dtype, bf16):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-@pytest.mark.parametrize("m", [1, 7, kernels.GEMM_MIN_ROWS["int8"] + 3])
-def test_dispatch_agrees_with_fallback(dtype, m, monkeypatch):
-    """The public ops (kernel or dequantize + GEMM by row count) against the pure PyTorch fallback,
-    on 3-d input: equal up to the activation-quantization bound (same bound as above)."""
+@pytest.mark.parametrize("m", [1, 7, kernels.BF16_GEMM_MIN_ROWS + 3])
+@pytest.mark.parametrize("bf16_fast", [False, True])
+def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, monkeypatch):
+    """The public ops against the pure PyTorch fallback, on 3-d input with a bias, on both kinds of CPU
+    (with or without native bf16 GEMM). Integer kernel: the activation-quantization bound above.
+    bf16 GEMM (many rows, AVX512-BF16): x and w each rounded to bf16 (unit roundoff 2^-8), so the error
+    is at most 2^-7 * sum |x w|."""
     wargs, deq, scaled = make(dtype, 192, 576)
-    x = torch.randn(1, m, 576, generator=torch.Generator().manual_seed(2))
+    x, bias = inputs(m, 576, 192, True)
+    x = x[None]  # [1, m, 576]
     op = kernels.int8_linear if dtype == "int8" else kernels.int4_linear
-    y = op(x, *wargs)
+    monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: bf16_fast)
+    y = op(x, *wargs, bias)
     monkeypatch.setattr(kernels, "_load", lambda: None)
-    fallback = op(x, *wargs)
+    fallback = op(x, *wargs, bias)
     assert fallback.shape == y.shape == (1, m, 192)
-    torch.testing.assert_close(fallback, F.linear(x, deq), rtol=0, atol=1e-5)
-    bound = F.linear(block_absmax(x[0]) / 254, scaled.abs()) * 1.001 + 1e-5
-    assert ((y - fallback).abs()[0] <= bound).all()
+    torch.testing.assert_close(fallback, F.linear(x, deq, bias), rtol=0, atol=1e-5)
+    if bf16_fast and m >= kernels.BF16_GEMM_MIN_ROWS:
+        bound = 2**-7 * 1.01 * F.linear(x[0].abs(), deq.abs()) + 1e-5
+    else:
+        bound = F.linear(block_absmax(x[0]) / 254, scaled.abs()) * 1.001 + 1e-5
+    assert ((y - fallback)[0].abs() <= bound).all()
 
 
 def test_build_failure_falls_back(monkeypatch, caplog):

@@ -126,3 +126,19 @@ def test_kernel_and_fallback_models_agree(dtype, monkeypatch):
     with_kernel = model(x)
     monkeypatch.setattr(kernels, "_load", lambda: None)
     assert rel_err(with_kernel, model(x)) < 0.03
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 20])
+@pytest.mark.parametrize("bf16_fast", [False, True])
+def test_bf16_linear_paths(rows, bf16_fast, monkeypatch):
+    """bf16 GEMM (x rounded to bf16 too: error <= 2^-8 sum |x w|) or, for many rows without native bf16,
+    fp32 GEMM on the upcast weight (exact up to fp32 rounding)."""
+    monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: bf16_fast)
+    linear = nn.Linear(64, 48)
+    layer = BF16Linear.from_linear(linear)
+    x = torch.randn(2, rows, 64)
+    w = layer.weight.float()
+    expect = torch.nn.functional.linear(x, w, linear.bias)
+    bound = 2**-8 * 1.01 * torch.nn.functional.linear(x.abs(), w.abs()) + 1e-5
+    assert ((layer(x) - expect).abs() <= bound).all()

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 
-# Rows from which upcasting bf16 weights to fp32 GEMM beats bf16 GEMM (benchmarks/results/kernels.md).
-BF16_UPCAST_MIN_ROWS = 16
+# Rows from which upcasting bf16 weights for fp32 GEMM beats bf16 GEMM on CPUs without native bf16
+# (measured: bf16 2x faster at 4 rows, even at 8, 1.3x slower at 12; benchmarks/results/kernels.md).
+BF16_UPCAST_MIN_ROWS = 8
 
 
 class _QuantLinear(nn.Module):
@@ -78,8 +79,8 @@ class Int4Linear(_QuantLinear):
 
 class BF16Linear(_QuantLinear):
     """bf16 weight [N, K]. Few rows (decode): bf16 GEMM (oneDNN), which reads half the bytes of fp32.
-    Many rows (prefill): bf16 GEMM is several times slower than fp32 on CPUs without bf16 arithmetic, so
-    upcast the weight and use fp32 GEMM."""
+    Many rows (prefill) on CPUs without native bf16 dot products: bf16 GEMM is ~4x slower than fp32 there,
+    so upcast the weight and use fp32 GEMM. With AVX512-BF16, bf16 GEMM is fastest at every row count."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
@@ -91,7 +92,7 @@ class BF16Linear(_QuantLinear):
         return cls(linear.weight.detach().bfloat16(), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] >= BF16_UPCAST_MIN_ROWS:
+        if x.numel() // x.shape[-1] >= BF16_UPCAST_MIN_ROWS and not kernels.bf16_gemm_is_fast():
             return F.linear(x.float(), self.weight.float(), self.bias)
         y = F.linear(x.bfloat16(), self.weight).float()
         return y if self.bias is None else y + self.bias

@@ -1,9 +1,11 @@
 """Quantized matmuls: C++/AVX2 kernels built on first use, with a pure PyTorch fallback.
 
 `int8_linear` / `int4_linear` take x [..., K] fp32 and weights in the formats of `reference.py` and return
-[..., N] fp32. Few rows (decode) go to the integer kernel, which reads each weight byte once; many rows
-(long prefill) go to fp32 GEMM on weights dequantized by the kernel, which is faster there. Without the
-kernels (no compiler, no AVX2, KUAIDA_NO_KERNELS=1) both go to `reference`: same results, slower.
+[..., N] fp32. They run the integer kernel, which reads each weight byte once, except for many rows (long
+prefill) on CPUs with native bf16 dot products (AVX512-BF16), where dequantizing to bf16 for oneDNN's bf16
+GEMM is faster. On AVX2-only CPUs the integer kernel beats dequantize + fp32 GEMM at every row count
+measured (up to 256; benchmarks/results/kernels.md). Without the kernels (no compiler, no AVX2,
+KUAIDA_NO_KERNELS=1) both go to `reference`: the same weights, fp32 activations, slower.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("qgemm.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
-# Rows from which dequantize + fp32 GEMM beats the integer kernel (benchmarks/results/kernels.md).
-GEMM_MIN_ROWS = {"int8": 48, "int4": 48}
+# Rows from which dequantize to bf16 + bf16 GEMM beats the integer kernel where bf16 GEMM is native
+# (measured crossover ~26-30 rows for int4 and int8; benchmarks/results/kernels.md).
+BF16_GEMM_MIN_ROWS = 32
 
 
 def cache_dir() -> Path:
@@ -61,6 +64,13 @@ def _load() -> ModuleType | None:
         return None
 
 
+@functools.cache
+def bf16_gemm_is_fast() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512-BF16): there oneDNN's bf16 GEMM is ~4x faster
+    than fp32 GEMM at many rows; elsewhere it is ~4x slower."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
 def available() -> bool:
     """True when the compiled kernels are in use (builds them on the first call)."""
     return _load() is not None
@@ -71,13 +81,23 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().contiguous()
 
 
+def _bf16_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] fp32, w [N, K] bf16 -> [M, N] fp32; the bias is added in fp32."""
+    y = F.linear(x.bfloat16(), w).float()
+    return y if bias is None else y.add_(bias)
+
+
+def _use_bf16_gemm(rows: int) -> bool:
+    return rows >= BF16_GEMM_MIN_ROWS and bf16_gemm_is_fast()
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp32, q int8 [N, K], d fp16 [N, K / group] -> [..., N] fp32."""
     ext, x2 = _load(), _rows(x)
     if ext is None:
         y = reference.int8_linear(x2, q, d, bias)
-    elif x2.shape[0] >= GEMM_MIN_ROWS["int8"]:
-        y = F.linear(x2, ext.int8_dequantize(q, d, False), bias)
+    elif _use_bf16_gemm(x2.shape[0]):
+        y = _bf16_gemm(x2, ext.int8_dequantize(q, d, True), bias)
     else:
         y = ext.int8_linear(x2, q, d, bias)
     return y.reshape(*x.shape[:-1], q.shape[0])
@@ -89,8 +109,8 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tens
     ext, x2 = _load(), _rows(x)
     if ext is None:
         y = reference.int4_linear(x2, q, d, m, bias)
-    elif x2.shape[0] >= GEMM_MIN_ROWS["int4"]:
-        y = F.linear(x2, ext.int4_dequantize(q, d, m, False), bias)
+    elif _use_bf16_gemm(x2.shape[0]):
+        y = _bf16_gemm(x2, ext.int4_dequantize(q, d, m, True), bias)
     else:
         y = ext.int4_linear(x2, q, d, m, bias)
     return y.reshape(*x.shape[:-1], q.shape[0])
