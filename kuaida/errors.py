@@ -24,3 +24,7 @@ class ContextLengthError(KuaidaError):
 
 class InvalidArgumentError(KuaidaError):
     """A parameter is out of range (temperature < 0, top_p > 1, unknown dtype, ...)."""
+
+
+class BusyError(KuaidaError):
+    """The request queue is full; try again shortly (the server answers 429 with Retry-After)."""

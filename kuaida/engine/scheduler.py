@@ -1,0 +1,260 @@
+"""Continuous batching with per-conversation KV-cache reuse, for the server.
+
+One background thread owns the model. Requests wait in a bounded queue; between decode steps the
+thread admits them into free cache rows ("slots"), prefilling only what the slot does not already hold;
+every step then decodes one token for all active requests in one batched forward. Finished requests
+leave their slot's KV behind: a follow-up turn that extends the same token prefix lands on that slot and
+prefills only its new tokens. Idle slots are reused least-recently-used first (an eviction).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import torch
+
+from kuaida.engine.generate import common_prefix, prefill
+from kuaida.engine.sampling import SamplingParams
+from kuaida.engine.sequence import GenerationStats, Sequence, check_fits
+from kuaida.errors import BusyError, KuaidaError
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+class Stream:
+    """The caller's side of one request: text pieces as they are produced, then `stats`.
+
+    Iterate it from a thread (`for piece in stream`) or from asyncio (`async for piece in stream`, when
+    submitted with `loop=`). `cancel()` (e.g. the client disconnected) frees its slot at the next step.
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.id, self.loop = request_id, loop
+        self.stats = GenerationStats()
+        self.cancelled = threading.Event()
+        self._q: asyncio.Queue | queue.Queue = asyncio.Queue() if loop else queue.Queue()
+
+    def put(self, item) -> None:
+        """Called from the scheduler thread."""
+        if self.loop is None:
+            self._q.put(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._q.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _check(self, item):
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[str]:
+        while (item := self._q.get()) is not _DONE:
+            yield self._check(item)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while (item := await self._q.get()) is not _DONE:
+            yield self._check(item)
+
+
+@dataclass
+class Slot:
+    row: int
+    cached_ids: list[int] = field(default_factory=list)  # tokens whose KV sits in this cache row
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass
+class Active:
+    stream: Stream
+    seq: Sequence
+    slot: Slot
+    last_token: int = -1  # sampled but not yet fed back through the model
+
+
+@dataclass
+class SchedulerMetrics:
+    requests: int = 0
+    cache_hits: int = 0  # requests that reused a cached prefix
+    cached_tokens: int = 0  # prompt tokens not prefilled thanks to reuse
+    prefilled_tokens: int = 0
+    evictions: int = 0  # idle conversations whose KV was overwritten
+    decode_steps: int = 0
+    decoded_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, model: torch.nn.Module, tokenizer, eos_ids: set[int], *, max_batch: int = 8,
+                 max_context: int | None = None, cache_budget_mb: int = 2048, max_queue: int = 64) -> None:
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
+        self.max_context = min(max_context or model.args.max_seq_len, model.args.max_seq_len)
+        n_slots = max(1, cache_budget_mb * 2**20 // self.slot_bytes(model, self.max_context))
+        self.max_batch = min(max_batch, n_slots)
+        self.cache = model.new_cache(batch=n_slots, max_seq=self.max_context)
+        self.slots = [Slot(row=i) for i in range(n_slots)]
+        self.max_queue = max_queue
+        self.waiting: deque[tuple[Stream, Sequence]] = deque()
+        self.active: list[Active] = []
+        self.metrics = SchedulerMetrics()
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="kuaida-scheduler", daemon=True)
+        log.info("scheduler: %d cache slots of %d tokens, batch up to %d", n_slots, self.max_context,
+                 self.max_batch)
+
+    @staticmethod
+    def slot_bytes(model: torch.nn.Module, max_context: int) -> int:
+        a = model.args
+        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_context * 4  # k and v, fp32
+
+    # -- the caller's side -----------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+        """Queue a request; raises ContextLengthError (prompt too long) or BusyError (queue full)."""
+        check_fits(len(prompt_ids), self.max_context)
+        stream = Stream(f"req-{next(self._ids)}", loop)
+        seq = Sequence(prompt_ids, params, self.eos_ids, self.max_context, self.tokenizer, stream.stats)
+        with self._wake:
+            if self._stopping:
+                raise BusyError("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise BusyError(f"{len(self.waiting)} requests are already waiting; retry shortly")
+            self.waiting.append((stream, seq))
+            self.metrics.requests += 1
+            self._wake.notify()
+        return stream
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new requests, cancel queued ones, let active ones finish for up to `timeout` s."""
+        with self._wake:
+            self._stopping = True
+            while self.waiting:
+                stream, seq = self.waiting.popleft()
+                seq.finish("cancelled")
+                stream.put(_DONE)
+            self._wake.notify()
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for a in list(self.active):
+            a.stream.cancel()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # -- the scheduler thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self.waiting and not self.active and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping and not self.active:
+                        return
+                try:
+                    self._admit()
+                    if self.active:
+                        self._step()
+                except Exception as e:  # never die silently: fail the requests in flight, keep serving
+                    log.exception("scheduler step failed")
+                    for a in list(self.active):
+                        a.slot.cached_ids = []
+                        self._finish(a, KuaidaError(f"generation failed: {e}"))
+
+    def _pick_slot(self, prompt_ids: list[int]) -> tuple[Slot, int] | None:
+        """The idle slot holding the longest prefix of `prompt_ids`, else the least recently used."""
+        idle = [s for s in self.slots if not s.busy]
+        if not idle:
+            return None
+        best = max(idle, key=lambda s: (common_prefix(s.cached_ids, prompt_ids), -s.last_used))
+        n = common_prefix(best.cached_ids, prompt_ids)
+        if n == 0:
+            best = min(idle, key=lambda s: (len(s.cached_ids) > 0, s.last_used))
+            if best.cached_ids:
+                self.metrics.evictions += 1
+        return best, n
+
+    def _admit(self) -> None:
+        while len(self.active) < self.max_batch:
+            with self._wake:
+                if not self.waiting or (picked := self._pick_slot(self.waiting[0][1].prompt_ids)) is None:
+                    return
+                stream, seq = self.waiting.popleft()
+            if stream.cancelled.is_set():
+                seq.finish("cancelled")
+                stream.put(_DONE)
+                continue
+            slot, n_cached = picked
+            self._start(stream, seq, slot, n_cached)
+
+    def _start(self, stream: Stream, seq: Sequence, slot: Slot, n_cached: int) -> None:
+        slot.busy = True
+        seq.stats.queue_s = time.perf_counter() - seq.t0
+        seq.stats.cached_tokens = n_cached
+        self.metrics.cache_hits += n_cached > 0
+        self.metrics.cached_tokens += n_cached
+        self.metrics.prefilled_tokens += len(seq.prompt_ids) - n_cached
+        slot.cached_ids = slot.cached_ids[:n_cached]
+        active = Active(stream, seq, slot)
+        self.active.append(active)
+        logits = prefill(self.model, self.cache, seq.prompt_ids[n_cached:], n_cached, row=slot.row)
+        slot.cached_ids = list(seq.prompt_ids)
+        self._advance(active, logits)
+
+    def _step(self) -> None:
+        """One token for every active request, in one batched forward."""
+        for a in [a for a in self.active if a.stream.cancelled.is_set()]:
+            a.seq.finish("cancelled")
+            self._finish(a)
+        if not self.active:
+            return
+        batch = list(self.active)
+        tokens = torch.tensor([[a.last_token] for a in batch])  # [B, 1]
+        positions = torch.tensor([[len(a.slot.cached_ids)] for a in batch])  # [B, 1]
+        rows = torch.tensor([a.slot.row for a in batch])  # [B]
+        logits = self.model(tokens, positions, self.cache, rows=rows)[:, -1]  # [B, V]
+        self.metrics.decode_steps += 1
+        self.metrics.decoded_tokens += len(batch)
+        for i, a in enumerate(batch):
+            a.slot.cached_ids.append(a.last_token)
+            self._advance(a, logits[i:i + 1])
+
+    def _advance(self, a: Active, logits: torch.Tensor) -> None:
+        token = a.seq.next_token(logits)
+        if token is not None:
+            if piece := a.seq.text(token):
+                a.stream.put(piece)
+            a.last_token = token
+        if a.seq.finished:
+            self._finish(a)
+
+    def _finish(self, a: Active, error: BaseException | None = None) -> None:
+        if error is None and (tail := a.seq.text_tail()):
+            a.stream.put(tail)
+        if error is not None:
+            a.seq.finish("error")
+            a.stream.put(error)
+        a.stream.put(_DONE)
+        a.slot.busy, a.slot.last_used = False, time.perf_counter()
+        self.active.remove(a)

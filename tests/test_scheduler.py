@@ -1,0 +1,117 @@
+"""Continuous batching on a tiny model: batched replies equal single-stream ones, prefixes are reused,
+the queue is bounded, a cancelled request frees its slot."""
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from kuaida.engine.generate import Engine
+from kuaida.engine.sampling import SamplingParams
+from kuaida.engine.scheduler import Scheduler
+from kuaida.errors import BusyError, ContextLengthError
+from kuaida.model.loader import load_model
+
+GREEDY = dict(temperature=0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir))
+
+
+def make(loaded, **kw):
+    kw = {"max_batch": 4, "max_context": 128, "cache_budget_mb": 1, **kw}
+    return Scheduler(loaded.model, loaded.tokenizer, {loaded.tokenizer.eos_token_id}, **kw).start()
+
+
+def single(loaded, prompt, **params):
+    engine = Engine(loaded.model, {loaded.tokenizer.eos_token_id}, max_context=128)
+    return "".join(engine.stream(prompt, SamplingParams(**params), loaded.tokenizer))
+
+
+PROMPTS = [[5, 6, 7, 8], [40, 41], [100, 101, 102, 103, 104, 105, 106], [9, 9, 9], [77, 12, 55, 3, 200]]
+
+
+def test_concurrent_requests_match_single_stream(loaded):
+    sched = make(loaded)
+    streams = [sched.submit(p, SamplingParams(**GREEDY)) for p in PROMPTS]
+    results = ["".join(s) for s in streams]
+    sched.stop()
+    assert results == [single(loaded, p, **GREEDY) for p in PROMPTS]
+    assert sched.metrics.decode_steps < sum(s.stats.completion_tokens for s in streams)  # really batched
+
+
+def test_follow_up_reuses_its_conversation_slot(loaded):
+    sched = make(loaded)
+    first = sched.submit([5, 6, 7, 8, 9, 10], SamplingParams(**GREEDY))
+    list(first)
+    other = sched.submit([90, 91, 92], SamplingParams(**GREEDY))
+    list(other)
+    follow = sched.submit([5, 6, 7, 8, 9, 10, 11, 12, 13], SamplingParams(**GREEDY))
+    text = "".join(follow)
+    sched.stop()
+    assert follow.stats.cached_tokens == 6
+    assert sched.metrics.cache_hits == 1
+    assert text == single(loaded, [5, 6, 7, 8, 9, 10, 11, 12, 13], **GREEDY)
+
+
+def test_lru_slot_is_evicted_when_all_hold_conversations(loaded):
+    sched = make(loaded, cache_budget_mb=0, max_batch=1)  # budget below one slot: exactly one slot
+    assert len(sched.slots) == 1
+    for prompt in ([1, 2, 3], [4, 5, 6]):
+        list(sched.submit(prompt, SamplingParams(**GREEDY)))
+    sched.stop()
+    assert sched.metrics.evictions == 1
+
+
+def test_queue_is_bounded(loaded):
+    sched = Scheduler(loaded.model, loaded.tokenizer, set(), max_batch=1, max_context=128, max_queue=2)
+    # not started: nothing drains the queue
+    sched.submit([1, 2], SamplingParams(**GREEDY))
+    sched.submit([1, 2], SamplingParams(**GREEDY))
+    with pytest.raises(BusyError):
+        sched.submit([1, 2], SamplingParams(**GREEDY))
+
+
+def test_too_long_prompt_is_refused_at_submit(loaded):
+    sched = make(loaded)
+    with pytest.raises(ContextLengthError):
+        sched.submit(list(range(128)), SamplingParams(**GREEDY))
+    sched.stop()
+
+
+def test_cancel_frees_the_slot(loaded):
+    sched = make(loaded, max_batch=1)
+    stream = sched.submit([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=100))
+    stream.cancel()
+    list(stream)
+    assert stream.stats.finish_reason == "cancelled" or stream.stats.completion_tokens < 100
+    after = sched.submit([4, 5], SamplingParams(**GREEDY))
+    assert "".join(after) == single(loaded, [4, 5], **GREEDY)
+    sched.stop()
+
+
+def test_async_consumer(loaded):
+    sched = make(loaded)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        streams = [sched.submit(p, SamplingParams(**GREEDY), loop=loop) for p in PROMPTS[:3]]
+        return [("".join([piece async for piece in s])) for s in streams]
+
+    got = asyncio.run(go())
+    sched.stop()
+    assert got == [single(loaded, p, **GREEDY) for p in PROMPTS[:3]]
+
+
+def test_stop_cancels_waiting_requests(loaded):
+    sched = Scheduler(loaded.model, loaded.tokenizer, set(), max_batch=1, max_context=128)
+    stream = sched.submit([1, 2], SamplingParams(**GREEDY))
+    sched.start()
+    sched.stop(timeout=0)
+    done = threading.Event()
+    threading.Thread(target=lambda: (list(stream), done.set()), daemon=True).start()
+    assert done.wait(10)
+    with pytest.raises(BusyError):
+        sched.submit([1, 2], SamplingParams(**GREEDY))
