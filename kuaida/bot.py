@@ -5,51 +5,20 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from kuaida.compress.quantize import DTYPES, quantize
-from kuaida.engine.generate import Engine, GenerationStats
+from kuaida.dialogue.template import end_of_turn_ids, render_prompt
+from kuaida.engine.generate import Engine
 from kuaida.engine.sampling import SamplingParams
+from kuaida.engine.sequence import GenerationStats
 from kuaida.errors import InvalidArgumentError
 from kuaida.model.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
-# End-of-turn markers of common chat templates: generation stops at whichever the vocabulary has.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
-
-
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Check the OpenAI-style message list a user passed; -> a clean copy."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidArgumentError("messages must be a non-empty list of {'role', 'content'} dicts")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise InvalidArgumentError(f"messages[{i}] must be a dict with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise InvalidArgumentError(f"messages[{i}].role is {m['role']!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise InvalidArgumentError(f"messages[{i}].content must be a string")
-        clean.append({"role": m["role"], "content": m["content"]})
-    return clean
-
-
-def end_of_turn_ids(tokenizer, model_dir: Path | None) -> set[int]:
-    """Token ids that end the assistant's turn: the tokenizer's eos, the generation config's, and the
-    chat template's end-of-turn marker."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
-    if model_dir is not None and (model_dir / "generation_config.json").exists():
-        eos = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 class Bot:
@@ -62,9 +31,7 @@ class Bot:
 
     def render(self, messages: list[dict[str, str]]) -> list[int]:
         """Messages -> prompt token ids through the checkpoint's own chat template."""
-        text = self.tokenizer.apply_chat_template(validate_messages(messages), tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return render_prompt(self.tokenizer, messages)
 
     def stream(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
         """Yield the reply as text pieces (valid UTF-8). Keyword arguments are SamplingParams fields
@@ -78,10 +45,9 @@ class Bot:
         return "".join(self.stream(messages, **sampling))
 
 
-def load(model: str = "default", dtype: str = "int8", max_context: int | None = None,
-         cache: str | Path | None = None) -> Bot:
-    """Load a model ("default", a Hugging Face directory or a .gguf file) at a weight precision
-    (fp32, bf16, int8, int4) and return a Bot."""
+def load_weights(model: str = "default", dtype: str = "int8", cache: str | Path | None = None) -> LoadedModel:
+    """Load a model ("default", a Hugging Face directory or a .gguf file) and convert its weights to
+    `dtype` (fp32, bf16, int8, int4) for kuaida's kernels."""
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
@@ -94,4 +60,11 @@ def load(model: str = "default", dtype: str = "int8", max_context: int | None = 
             )
         quantize(loaded.model, dtype)
     log.info("loaded %s (%s, %s) in %.1f s", model, loaded.backend, dtype, time.perf_counter() - t0)
-    return Bot(loaded, dtype, max_context)
+    return loaded
+
+
+def load(model: str = "default", dtype: str = "int8", max_context: int | None = None,
+         cache: str | Path | None = None) -> Bot:
+    """Load a model ("default", a Hugging Face directory or a .gguf file) at a weight precision
+    (fp32, bf16, int8, int4) and return a Bot."""
+    return Bot(load_weights(model, dtype, cache), dtype, max_context)

@@ -1,0 +1,1 @@
+"""The dialogue manager: conversation state (sessions in SQLite), history policy, prompt assembly."""

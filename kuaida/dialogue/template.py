@@ -1,0 +1,47 @@
+"""Prompt assembly with the checkpoint's own chat template, and where a turn ends."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kuaida.errors import InvalidArgumentError
+
+ROLES = ("system", "user", "assistant")
+# End-of-turn markers of common chat templates: generation stops at whichever the vocabulary has.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """Check an OpenAI-style message list a user passed; -> a clean copy."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidArgumentError("messages must be a non-empty list of {'role', 'content'} dicts")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InvalidArgumentError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise InvalidArgumentError(f"messages[{i}].role is {m['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise InvalidArgumentError(f"messages[{i}].content must be a string")
+        clean.append({"role": m["role"], "content": m["content"]})
+    return clean
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Messages -> prompt token ids through the checkpoint's chat template, ready for the reply."""
+    text = tokenizer.apply_chat_template(validate_messages(messages), tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def end_of_turn_ids(tokenizer, model_dir: Path | None) -> set[int]:
+    """Token ids that end the assistant's turn: the tokenizer's eos, the generation config's, and the
+    chat template's end-of-turn marker."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    if model_dir is not None and (model_dir / "generation_config.json").exists():
+        eos = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
