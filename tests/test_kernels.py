@@ -20,7 +20,8 @@ from kuaida.kernels import reference as ref
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="C++ kernels unavailable (no compiler/AVX2)")
 
-SHAPES = [(m, k, n) for m in (1, 3, 17, 64) for k in (64, 576, 1536) for n in (5, 192, 577)]
+# K = 96: an odd number of 32-blocks (the int4 kernel works on block pairs plus a last single block).
+SHAPES = [(m, k, n) for m in (1, 3, 17, 64) for k in (64, 96, 576, 1536) for n in (5, 192, 577)]
 
 
 def make(dtype: str, n: int, k: int, group: int = 32, seed: int = 0):
@@ -90,7 +91,7 @@ def test_kernel_matches_exact(dtype, m, k, n):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-@pytest.mark.parametrize("group", [64, 192])
+@pytest.mark.parametrize("group", [64, 96, 192])
 def test_kernel_larger_groups(dtype, group):
     wargs, deq, scaled = make(dtype, 67, 576, group)
     x, bias = inputs(2, 576, 67, False)

@@ -67,12 +67,27 @@ void quantize_block(const float* x, int8_t* q, float* d, float* s) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), fixed);
 }
 
-QActs quantize_acts(const float* x, int64_t M, int64_t K) {
+// Blocks 2p, 2p+1 of a row (A, B) become [A0-15 B0-15 | A16-31 B16-31], matching how one 32-byte load
+// of int4 weights unpacks (see step_pair).
+void interleave_pairs(int8_t* q, int64_t M, int64_t K) {
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t b = 0; b + 2 <= K / kBlock; b += 2) {
+      __m256i* p = reinterpret_cast<__m256i*>(q + i * K + b * kBlock);
+      const __m256i first = _mm256_loadu_si256(p), second = _mm256_loadu_si256(p + 1);
+      _mm256_storeu_si256(p, _mm256_permute2x128_si256(first, second, 0x20));
+      _mm256_storeu_si256(p + 1, _mm256_permute2x128_si256(first, second, 0x31));
+    }
+  }
+}
+
+// x [M, K] -> QActs; int4 kernels want block pairs interleaved.
+QActs quantize_acts(const float* x, int64_t M, int64_t K, bool pairs) {
   const int64_t nb = K / kBlock;
   QActs a{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
   at::parallel_for(0, M * nb, 256, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) quantize_block(x + b * kBlock, &a.q[b * kBlock], &a.d[b], &a.s[b]);
   });
+  if (pairs) interleave_pairs(a.q.data(), M, K);
   return a;
 }
 
@@ -149,6 +164,58 @@ void row_scales(const QWeight& w, int64_t n0, float* dw, float* mw) {
   }
 }
 
+// Pointers of one register tile: MR activation rows from i0, NR weight rows from n0.
+struct TileArgs {
+  const uint8_t* q;   // first weight row
+  const int8_t* xq;   // first activation row
+  const float* xd;    // its block scales
+  const float* dw;    // [NR, K / 32] weight block scales
+  int64_t row_bytes, K, nb;
+};
+
+// Accumulate 32-block b into acc[i][r] (int8, and int4's last block when K / 32 is odd).
+template <int MR, int NR, bool kInt4>
+__attribute__((always_inline)) inline void step_block(const TileArgs& t, int64_t b, __m256 (&acc)[MR][NR]) {
+  __m256i wb[NR];
+  for (int r = 0; r < NR; ++r) wb[r] = load_block<kInt4>(t.q + r * t.row_bytes, b);
+  for (int i = 0; i < MR; ++i) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.xq + i * t.K + b * kBlock));
+    const __m256 x_scale = _mm256_broadcast_ss(t.xd + i * t.nb + b);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 scale = _mm256_mul_ps(_mm256_broadcast_ss(t.dw + r * t.nb + b), x_scale);
+      acc[i][r] = _mm256_fmadd_ps(dot_block<kInt4>(wb[r], x), scale, acc[i][r]);
+    }
+  }
+}
+
+// Two scales s[0], s[1] -> [s0 x4 | s1 x4].
+inline __m256 pair_scales(const float* s) {
+  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// Accumulate int4 blocks 2p, 2p+1 at once: one 32-byte load holds both blocks' nibbles, low nibbles are
+// [A0-15 | B0-15], high ones [A16-31 | B16-31], and the activations are interleaved the same way, so
+// per two blocks it takes one multiply-add chain where step_block takes two.
+template <int MR, int NR>
+__attribute__((always_inline)) inline void step_pair(const TileArgs& t, int64_t p, __m256 (&acc)[MR][NR]) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int r = 0; r < NR; ++r) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.q + r * t.row_bytes + p * 32));
+    const __m256i w_lo = _mm256_and_si256(v, low), w_hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    const __m256 w_scale = pair_scales(t.dw + r * t.nb + 2 * p);
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* x = t.xq + i * t.K + 2 * p * kBlock;
+      const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+      const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + kBlock));
+      // 2 * 2 * 15 * 127 fits int16.
+      const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(w_lo, x_lo), _mm256_maddubs_epi16(w_hi, x_hi));
+      const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+      acc[i][r] = _mm256_fmadd_ps(s, _mm256_mul_ps(w_scale, pair_scales(t.xd + i * t.nb + 2 * p)), acc[i][r]);
+    }
+  }
+}
+
 // y[i0 : i0 + MR, n0 : n0 + NR] (y is [M, N]): MR x NR accumulators in registers, so each weight block
 // loaded (and unpacked) once serves MR activation rows. dw [NR, K / 32], mw [NR, groups]: from row_scales;
 // xg [M, groups]: sums of x per weight group, for the int4 min term.
@@ -156,30 +223,25 @@ template <int MR, int NR, bool kInt4>
 void tile(const QWeight& w, const QActs& a, const float* xg, const float* dw, const float* mw, int64_t i0,
           int64_t n0, const float* bias, float* y, bool prefetch) {
   const int64_t nb = w.K / kBlock, G = w.groups;
-  const int8_t* xq = a.q.data() + i0 * w.K;
-  const float* xd = a.d.data() + i0 * nb;
-  const uint8_t* q = w.q + n0 * w.row_bytes;
+  const TileArgs t{w.q + n0 * w.row_bytes, a.q.data() + i0 * w.K, a.d.data() + i0 * nb, dw, w.row_bytes, w.K, nb};
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i wb[NR];
-    for (int r = 0; r < NR; ++r) wb[r] = load_block<kInt4>(q + r * w.row_bytes, b);
+  constexpr int64_t step = kInt4 ? 2 : 1;  // blocks per step
+  for (int64_t b = 0; b + step <= nb; b += step) {
     if (prefetch) {
       // Re-reading a tile from L1 for more activation rows stalls the hardware prefetcher: fetch the next
       // tile's rows ourselves.
       for (int r = 0; r < NR; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(q + (NR + r) * w.row_bytes + b * (kInt4 ? 16 : 32)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(t.q + (NR + r) * w.row_bytes + b * (kInt4 ? 16 : 32)), _MM_HINT_T0);
     }
-    for (int i = 0; i < MR; ++i) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * w.K + b * kBlock));
-      const __m256 x_scale = _mm256_broadcast_ss(xd + i * nb + b);
-      for (int r = 0; r < NR; ++r) {
-        const __m256 scale = _mm256_mul_ps(_mm256_broadcast_ss(dw + r * nb + b), x_scale);
-        acc[i][r] = _mm256_fmadd_ps(dot_block<kInt4>(wb[r], x), scale, acc[i][r]);
-      }
+    if constexpr (kInt4) {
+      step_pair<MR, NR>(t, b / 2, acc);
+    } else {
+      step_block<MR, NR, false>(t, b, acc);
     }
   }
+  if (kInt4 && nb % 2) step_block<MR, NR, kInt4>(t, nb - 1, acc);
   for (int i = 0; i < MR; ++i) {
     for (int r = 0; r < NR; ++r) {
       float v = hsum(acc[i][r]);
@@ -216,7 +278,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
 template <bool kInt4>
 at::Tensor qlinear(const at::Tensor& x, const QWeight& w, const std::optional<at::Tensor>& bias) {
   const int64_t M = x.size(0), nb = w.K / kBlock;
-  const QActs a = quantize_acts(x.data_ptr<float>(), M, w.K);
+  const QActs a = quantize_acts(x.data_ptr<float>(), M, w.K, kInt4);
   const std::vector<float> xg = kInt4 ? group_sums(a, M, nb, w.groups) : std::vector<float>();
   at::Tensor y = at::empty({M, w.N}, x.options());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
