@@ -76,41 +76,38 @@ def available() -> bool:
     return _load() is not None
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] -> contiguous fp32 [M, K]."""
-    return x.reshape(-1, x.shape[-1]).float().contiguous()
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels take: contiguous fp32 (a no-op for the model's activations)."""
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
 def _bf16_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] fp32, w [N, K] bf16 -> [M, N] fp32; the bias is added in fp32."""
+    """x [..., K], w [N, K] bf16 -> [..., N] fp32; the bias is added in fp32."""
     y = F.linear(x.bfloat16(), w).float()
     return y if bias is None else y.add_(bias)
 
 
-def _use_bf16_gemm(rows: int) -> bool:
-    return rows >= BF16_GEMM_MIN_ROWS and bf16_gemm_is_fast()
+def _use_bf16_gemm(x: torch.Tensor) -> bool:
+    return x.numel() >= BF16_GEMM_MIN_ROWS * x.shape[-1] and bf16_gemm_is_fast()
 
 
+# The two ops below run once per linear layer per token: they stay minimal (a few microseconds of Python).
 def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp32, q int8 [N, K], d fp16 [N, K / group] -> [..., N] fp32."""
-    ext, x2 = _load(), _rows(x)
+    ext = _load()
     if ext is None:
-        y = reference.int8_linear(x2, q, d, bias)
-    elif _use_bf16_gemm(x2.shape[0]):
-        y = _bf16_gemm(x2, ext.int8_dequantize(q, d, True), bias)
-    else:
-        y = ext.int8_linear(x2, q, d, bias)
-    return y.reshape(*x.shape[:-1], q.shape[0])
+        return reference.int8_linear(x.float(), q, d, bias)
+    if _use_bf16_gemm(x):
+        return _bf16_gemm(x, ext.int8_dequantize(q, d, True), bias)
+    return ext.int8_linear(_fp32(x), q, d, bias)
 
 
 def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp32, q uint8 [N, K / 2], d and m fp16 [N, K / group] -> [..., N] fp32."""
-    ext, x2 = _load(), _rows(x)
+    ext = _load()
     if ext is None:
-        y = reference.int4_linear(x2, q, d, m, bias)
-    elif _use_bf16_gemm(x2.shape[0]):
-        y = _bf16_gemm(x2, ext.int4_dequantize(q, d, m, True), bias)
-    else:
-        y = ext.int4_linear(x2, q, d, m, bias)
-    return y.reshape(*x.shape[:-1], q.shape[0])
+        return reference.int4_linear(x.float(), q, d, m, bias)
+    if _use_bf16_gemm(x):
+        return _bf16_gemm(x, ext.int4_dequantize(q, d, m, True), bias)
+    return ext.int4_linear(_fp32(x), q, d, m, bias)

@@ -269,18 +269,20 @@ std::vector<float> group_sums(const QActs& a, int64_t M, int64_t nb, int64_t G) 
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
-  TORCH_CHECK(x.size(1) == K && K % kBlock == 0, "K must match the weight and be a multiple of 32");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [..., K]");
+  TORCH_CHECK(x.size(-1) == K && K % kBlock == 0, "K must match the weight and be a multiple of 32");
   TORCH_CHECK(q.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf, "fp16 scales");
   TORCH_CHECK(d.size(0) == q.size(0) && (K / kBlock) % d.size(1) == 0, "scales: [N, K / group]");
 }
 
 template <bool kInt4>
 at::Tensor qlinear(const at::Tensor& x, const QWeight& w, const std::optional<at::Tensor>& bias) {
-  const int64_t M = x.size(0), nb = w.K / kBlock;
+  const int64_t M = x.numel() / w.K, nb = w.K / kBlock;
   const QActs a = quantize_acts(x.data_ptr<float>(), M, w.K, kInt4);
   const std::vector<float> xg = kInt4 ? group_sums(a, M, nb, w.groups) : std::vector<float>();
-  at::Tensor y = at::empty({M, w.N}, x.options());
+  std::vector<int64_t> shape = x.sizes().vec();  // [..., K] -> [..., N]
+  shape.back() = w.N;
+  at::Tensor y = at::empty(shape, x.options());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
   // Split rows so each thread streams at least ~16 KiB of weights: below that, waking a thread costs more.

@@ -79,7 +79,7 @@ def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] fp32 -> [M, N]: the fallback, fp32 activations (more exact than the kernel)."""
+    """x [..., K] fp32 -> [..., N]: the fallback, fp32 activations (more exact than the kernel)."""
     return F.linear(x, dequantize_int8(q, d), bias)
 
 
