@@ -28,3 +28,8 @@ class InvalidArgumentError(KuaidaError):
 
 class BusyError(KuaidaError):
     """The request queue is full; try again shortly (the server answers 429 with Retry-After)."""
+
+
+class SessionNotFoundError(KuaidaError):
+    """No session with that id for this API key (the server answers 404 either way, so ids of other
+    keys' sessions cannot be probed)."""

@@ -1,0 +1,97 @@
+"""The dialogue manager: a session's stored turns -> the next prompt, and the reply back into the store.
+
+    plan = manager.prepare_turn(session, "Hi!", max_new_tokens=256)   # stores the user turn
+    ... generate from plan.prompt_ids ...
+    manager.finish_turn(session, reply, {"usage": ..., "finish_reason": "stop"})
+
+If generation fails between the two calls, the user turn stays stored without a reply, and the next
+turn simply follows it: two user messages in a row. ChatML and most templates render that as is; for a
+template that insists on alternating roles (it raises), consecutive user messages are joined with a
+blank line instead, from then on.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from jinja2 import TemplateError
+
+from kuaida.dialogue.history import fit_history, kept_messages
+from kuaida.dialogue.store import Session, SessionStore
+from kuaida.errors import InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TurnPlan:
+    prompt_ids: list[int]
+    dropped: int  # oldest messages left out of the prompt (see kuaida.dialogue.history)
+    messages: list[dict]  # what the prompt was rendered from: the kept messages, ending with the user's
+
+
+class DialogueManager:
+    def __init__(self, store: SessionStore, render: Callable[[list[dict]], list[int]],
+                 max_context: int) -> None:
+        self.store, self.render, self.max_context = store, render, max_context
+        self._merge_users = False  # set once the template has refused consecutive user messages
+
+    def messages(self, session: Session) -> list[dict]:
+        """The conversation so far as OpenAI messages: the system prompt (if any), then the turns."""
+        system = [{"role": "system", "content": session.system}] if session.system else []
+        return system + [{"role": t["role"], "content": t["content"]} for t in self.store.turns(session.id)]
+
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        """Tokens the prompt may take: what the reply leaves of the context, but at least half of it,
+        so that asking for a reply as long as the context still sends the recent conversation (the reply
+        is then cut short where the context ends, finish_reason "length")."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens is {max_new_tokens!r}; use a positive integer")
+        return max(self.max_context - max_new_tokens, self.max_context // 2)
+
+    def prepare_turn(self, session: Session, user_text: str, max_new_tokens: int) -> TurnPlan:
+        """Store the user's message and build the prompt for the reply.
+
+        The prompt is built first, so a message that could never fit (ContextLengthError) is refused
+        without being stored and cannot wedge the session; otherwise the user turn is durable before
+        this returns, i.e. before any generation starts."""
+        if not isinstance(user_text, str) or not user_text.strip():
+            raise InvalidArgumentError("the user message must be a non-empty string")
+        messages = self.messages(session) + [{"role": "user", "content": user_text}]
+        prompt_ids, dropped = fit_history(self._render, messages, self.prompt_budget(max_new_tokens))
+        self.store.append(session.id, "user", user_text)
+        if dropped:
+            log.info("session %s: %d oldest messages left out of the prompt (%d tokens)",
+                     session.id, dropped, len(prompt_ids))
+        return TurnPlan(prompt_ids=prompt_ids, dropped=dropped, messages=kept_messages(messages, dropped))
+
+    def finish_turn(self, session: Session, reply_text: str, meta: dict) -> None:
+        """Store the assistant's reply with its meta (usage, timings, finish_reason)."""
+        self.store.append(session.id, "assistant", reply_text, meta)
+
+    def _render(self, messages: list[dict]) -> list[int]:
+        if not self._merge_users:
+            try:
+                return self.render(messages)
+            except TemplateError as e:
+                if not _has_consecutive_users(messages):
+                    raise
+                log.info("the chat template refuses consecutive user messages (%s): merging them", e)
+                self._merge_users = True
+        return self.render(merge_consecutive_users(messages))
+
+
+def merge_consecutive_users(messages: list[dict]) -> list[dict]:
+    """Join runs of user messages into one (blank line between), for templates that need alternation."""
+    merged: list[dict] = []
+    for m in messages:
+        if merged and m["role"] == "user" and merged[-1]["role"] == "user":
+            merged[-1] = {"role": "user", "content": merged[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            merged.append(dict(m))
+    return merged
+
+
+def _has_consecutive_users(messages: list[dict]) -> bool:
+    return any(a["role"] == b["role"] == "user" for a, b in zip(messages, messages[1:]))
