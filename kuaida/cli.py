@@ -83,6 +83,38 @@ def chat(
     ChatSession(bot, sampling, system, interactive=sys.stdin.isatty(), console=err).run(sys.stdin)
 
 
+@app.command()
+@user_errors
+def serve(
+    model: str = typer.Argument("default", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes it: set an API key)."),
+    port: int = typer.Option(8000, help="Port to listen on (0 = any free port)."),
+    api_key: Optional[str] = typer.Option(None, envvar="KUAIDA_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 routes; "
+                                               "KEY1,KEY2 for several users (each sees only its sessions)."),
+    dtype: str = typer.Option("int8", help=DTYPE_HELP),
+    max_batch: int = typer.Option(8, help="Replies decoded together in one batch."),
+    max_context: int = typer.Option(4096, help="Context per conversation, in tokens (capped by the model's)."),
+    cache_mb: int = typer.Option(2048, help="KV-cache memory: more keeps more conversations cached."),
+    max_queue: int = typer.Option(64, help="Requests that may wait for a batch slot; beyond: HTTP 429."),
+    db: Optional[Path] = typer.Option(None, help="Session database (default: $KUAIDA_CACHE or "
+                                                 "~/.cache/kuaida, file sessions.db)."),
+):
+    """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/sessions, /metrics, web chat at /.
+
+    Stops gracefully on Ctrl-C / SIGTERM: in-flight replies get a few seconds to finish.
+    """
+    from kuaida.bot import load_weights
+    from kuaida.serve import ServerConfig, create_app, run_server
+
+    config = ServerConfig(model=model, host=host, port=port, api_key=api_key, dtype=dtype, max_batch=max_batch,
+                          max_context=max_context, cache_mb=cache_mb, max_queue=max_queue, db=db)
+    with err.status(f"loading {model} ({dtype}) ..."):
+        server_app = create_app(config, load_weights(model, dtype))
+    run_server(server_app, on_ready=lambda url: typer.echo(
+        f"kuaida serving {config.model_id} at {url} (web chat at /, API at /v1)"))
+
+
 bench_app = typer.Typer(help="Benchmarks against transformers and llama.cpp; results as JSON + Markdown.",
                         pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(bench_app, name="bench")
