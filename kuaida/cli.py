@@ -152,7 +152,8 @@ def latency(
     with err.status("benchmarking ...") as status:
         report = run_latency(model, chosen, prompts, new_tokens,
                              progress=lambda step: status.update(f"benchmarking {step} ..."))
-    Console().print(rich_table(report, COLUMNS, TITLE))
+    # Piped output is not wrapped to 80 columns: the table needs ~130.
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(report, COLUMNS, TITLE))
     if json_path:
         write_json(report, json_path)
     if md_path:

@@ -81,7 +81,7 @@ def test_peak_rss_is_the_workers_own():
     import sys
 
     ballast = bytearray(700 * 2**20)  # the parent's RSS: 700 MB more than the worker will ever touch
-    code = "from kuaida.bench.latency import peak_rss_mb; print(peak_rss_mb())"
+    code = "from kuaida.bench.latency import memory_mb; print(memory_mb()['peak_rss_mb'])"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 10 < child < 600 and len(ballast)
 
@@ -95,9 +95,9 @@ def test_parse_variants():
 
 # -- report --------------------------------------------------------------------------------------
 def worker_output(variant: str, tokens: list[list[int]], tok_s: float) -> dict:
-    return {"variant": variant, "backend": f"test {variant}", "peak_rss_mb": 123.4, "rss_mb": 100.0,
-            "tokens": tokens,
-            "next_tokens": tokens, "ttft_s": [0.1, 0.2, 0.3], "decode_tok_s": [tok_s] * 3}
+    return {"variant": variant, "backend": f"test {variant}",
+            "memory_mb": {"peak_rss_mb": 123.4, "rss_mb": 100.0, "rss_anon_mb": 60.0, "rss_file_mb": 40.0},
+            "tokens": tokens, "next_tokens": tokens, "ttft_s": [0.1, 0.2, 0.3], "decode_tok_s": [tok_s] * 3}
 
 
 @pytest.fixture
@@ -114,7 +114,8 @@ def latency_report():
 
 def test_result_rows_have_the_documented_keys(latency_report):
     hf, fp32, skipped = latency_report["results"]
-    assert set(fp32) >= {"variant", "ttft_ms", "decode_tok_s", "peak_rss_mb", "agreement", "speedup_vs_hf"}
+    assert set(fp32) >= {"variant", "ttft_ms", "decode_tok_s", "peak_rss_mb", "rss_mb", "rss_file_mb", "agreement",
+                         "speedup_vs_hf"}
     assert set(fp32["ttft_ms"]) == set(fp32["decode_tok_s"]) == {"median", "p90"}
     assert set(fp32["agreement"]) == {"teacher_forced", "greedy_prefix", "identical"}
     assert fp32["ttft_ms"]["median"] == pytest.approx(200.0)

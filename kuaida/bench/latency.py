@@ -39,16 +39,18 @@ THREADS = 2
 PROMPT_BUDGET = 1024
 TITLE = "kuaida bench latency"
 
+# Headers short enough for a terminal: medians unless marked p90 (README: what each column means).
 COLUMNS = [
     Column("variant", "variant"),
-    Column("TTFT ms (median)", "ttft_ms.median", fixed(0)),
-    Column("TTFT ms (p90)", "ttft_ms.p90", fixed(0)),
-    Column("decode tok/s (median)", "decode_tok_s.median", fixed(1)),
-    Column("decode tok/s (p90)", "decode_tok_s.p90", fixed(1)),
+    Column("TTFT ms", "ttft_ms.median", fixed(0)),
+    Column("TTFT p90", "ttft_ms.p90", fixed(0)),
+    Column("tok/s", "decode_tok_s.median", fixed(1)),
+    Column("tok/s p90", "decode_tok_s.p90", fixed(1)),
     Column("× hf", "speedup_vs_hf", lambda v: f"{v:.2f}×"),
-    Column("peak RSS MB", "peak_rss_mb", fixed(0)),
+    Column("peak MB", "peak_rss_mb", fixed(0)),
     Column("RSS MB", "rss_mb", fixed(0)),
-    Column("teacher-forced", "agreement.teacher_forced", percent),
+    Column("mapped MB", "rss_file_mb", fixed(0)),
+    Column("teacher forced", "agreement.teacher_forced", percent),
     Column("greedy prefix", "agreement.greedy_prefix", percent),
     Column("identical", "agreement.identical"),
 ]
@@ -128,22 +130,19 @@ def make_runner(variant: str, model: str, reference: dict | None, context: int):
     return LlamaCppRunner(gguf_for(model), context, THREADS)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. On Linux from VmHWM: ru_maxrss survives exec, so a worker
-    would report its parent's peak when that is higher."""
+# /proc/self/status fields -> report keys. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a worker would
+# report its parent's peak when that is higher. RssFile is memory-mapped files (weights) counted in RSS.
+STATUS_FIELDS = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb"}
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's peak and current resident memory, in MiB."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass  # not Linux: ru_maxrss (bytes on macOS) is the best there is
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:  # not Linux: the peak from getrusage (bytes on macOS) is the best there is
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {key: int(fields[name].split()[0]) / 1024 for name, key in STATUS_FIELDS.items() if name in fields}
 
 
 def run_variant(variant: str, model: str, messages: list, reference: dict | None, new_tokens: int,
@@ -159,10 +158,9 @@ def run_variant(variant: str, model: str, messages: list, reference: dict | None
     runs = [runner.generate(ids, new_tokens) for ids in prompt_ids]
     # Before teacher forcing, whose full-sequence logits are not part of serving. The peak includes
     # loading (fp32 weights before quantization); the current RSS is what serving keeps.
-    peak, current = peak_rss_mb(), rss_mb()
+    memory = memory_mb()
     ref_tokens = reference["tokens"] if reference else [r.tokens for r in runs]
-    out = {"variant": variant, "backend": runner.backend, "peak_rss_mb": peak, "rss_mb": current,
-           "tokens": [r.tokens for r in runs], "ttft_s": [r.ttft_s for r in runs],
+    out = {"variant": variant, "backend": runner.backend, "memory_mb": memory, "tokens": [r.tokens for r in runs], "ttft_s": [r.ttft_s for r in runs],
            "decode_tok_s": [r.decode_tok_s for r in runs],
            "next_tokens": [runner.next_tokens(ids, ref) for ids, ref in zip(prompt_ids, ref_tokens)]}
     if reference is None:
@@ -227,8 +225,7 @@ def result_row(out: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]
     return {"variant": out["variant"], "backend": out["backend"],
             "ttft_ms": spread([t * 1000 for t in out["ttft_s"]], 1),
             "decode_tok_s": spread(out["decode_tok_s"], 2),
-            "peak_rss_mb": round(out["peak_rss_mb"]), "rss_mb": round(out["rss_mb"]),
-            "agreement": agreement, "speedup_vs_hf": None}
+            **{key: round(mb) for key, mb in out["memory_mb"].items()}, "agreement": agreement, "speedup_vs_hf": None}
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:

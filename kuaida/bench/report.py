@@ -121,11 +121,15 @@ def write_markdown(report: dict[str, Any], columns: list[Column], path: str | Pa
 
 def rich_table(report: dict[str, Any], columns: list[Column], title: str):
     """The results as a rich Table (skipped rows listed in its caption)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, caption="\n".join(f"skipped {n}" for n in skipped(report)) or None)
+    table = Table(title=title, caption="\n".join(f"skipped {n}" for n in skipped(report)) or None,
+                  box=box.SIMPLE_HEAD)
     for i, c in enumerate(columns):
-        table.add_column(c.header, justify="left" if i == 0 else "right")
+        # Never narrower than the header's longest word: a narrow terminal wraps headers, not words.
+        table.add_column(c.header, justify="left" if i == 0 else "right",
+                         min_width=max(len(word) for word in c.header.split()))
     for r in report["results"]:
         table.add_row(*(cell(r, c) for c in columns))
     return table
