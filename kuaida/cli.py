@@ -99,6 +99,8 @@ def serve(
     max_queue: int = typer.Option(64, help="Requests that may wait for a batch slot; beyond: HTTP 429."),
     db: Optional[Path] = typer.Option(None, help="Session database (default: $KUAIDA_CACHE or "
                                                  "~/.cache/kuaida, file sessions.db)."),
+    prefix_cache: bool = typer.Option(True, help="Reuse each conversation's cached KV prefix; "
+                                      "--no-prefix-cache prefills every prompt whole (a baseline)."),
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/sessions, /metrics, web chat at /.
 
@@ -108,7 +110,8 @@ def serve(
     from kuaida.serve import ServerConfig, create_app, run_server
 
     config = ServerConfig(model=model, host=host, port=port, api_key=api_key, dtype=dtype, max_batch=max_batch,
-                          max_context=max_context, cache_mb=cache_mb, max_queue=max_queue, db=db)
+                          max_context=max_context, cache_mb=cache_mb, max_queue=max_queue, db=db,
+                          prefix_cache=prefix_cache)
     with err.status(f"loading {model} ({dtype}) ..."):
         server_app = create_app(config, load_weights(model, dtype))
     run_server(server_app, on_ready=lambda url: typer.echo(

@@ -98,8 +98,10 @@ class SchedulerMetrics:
 
 class Scheduler:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_ids: set[int], *, max_batch: int = 8,
-                 max_context: int | None = None, cache_budget_mb: int = 2048, max_queue: int = 64) -> None:
+                 max_context: int | None = None, cache_budget_mb: int = 2048, max_queue: int = 64,
+                 enable_prefix_cache: bool = True) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
+        self.enable_prefix_cache = enable_prefix_cache  # off: every prompt is prefilled whole (baselines)
         self.max_context = min(max_context or model.args.max_seq_len, model.args.max_seq_len)
         n_slots = max(1, cache_budget_mb * 2**20 // self.slot_bytes(model, self.max_context))
         self.max_batch = min(max_batch, n_slots)
@@ -188,7 +190,7 @@ class Scheduler:
         if not idle:
             return None
         best = max(idle, key=lambda s: (common_prefix(s.cached_ids, prompt_ids), -s.last_used))
-        n = common_prefix(best.cached_ids, prompt_ids)
+        n = common_prefix(best.cached_ids, prompt_ids) if self.enable_prefix_cache else 0
         if n == 0:
             best = min(idle, key=lambda s: (len(s.cached_ids) > 0, s.last_used))
             if best.cached_ids:

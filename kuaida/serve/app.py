@@ -58,6 +58,7 @@ class ServerConfig:
     db: Path | None = None  # session store; None: $KUAIDA_CACHE or ~/.cache/kuaida, file sessions.db
     default_max_tokens: int = 512  # reply length when a request does not say
     shutdown_timeout: float = 10.0  # seconds in-flight replies get to finish on SIGINT/SIGTERM
+    prefix_cache: bool = True  # False: prefill every prompt whole (the baseline `kuaida bench load` compares)
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_context": self.max_context >= 2,
@@ -91,7 +92,8 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
         loaded = load_weights(config.model, config.dtype)
     scheduler = Scheduler(loaded.model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer, loaded.path),
                           max_batch=config.max_batch, max_context=config.max_context,
-                          cache_budget_mb=config.cache_mb, max_queue=config.max_queue)
+                          cache_budget_mb=config.cache_mb, max_queue=config.max_queue,
+                          enable_prefix_cache=config.prefix_cache)
     store = SessionStore(config.db_path)
     metrics = ServerMetrics(scheduler)
 
