@@ -163,5 +163,55 @@ def latency(
         write_markdown(report, COLUMNS, md_path, TITLE)
 
 
+@bench_app.command()
+@user_errors
+def load(
+    url: Optional[str] = typer.Option(None, help="A running OpenAI-compatible server, e.g. "
+                                      "http://127.0.0.1:8000 (default: start `kuaida serve` on a free port, "
+                                      "and stop it after)."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    dtype: str = typer.Option("int8", help=DTYPE_HELP),
+    clients: str = typer.Option("1,2,4,8,16", help="Concurrency levels: a comma list of client counts."),
+    turns: int = typer.Option(10, help="Turns per conversation (each resends the growing history)."),
+    reply_tokens: int = typer.Option(64, help="max_tokens of each reply."),
+    curve_runs: int = typer.Option(2, help="Conversations run one at a time for the TTFT-by-turn curve."),
+    peers: bool = typer.Option(True, help="Also load llama.cpp's server (when llama-cpp-python[server] is "
+                               "installed and the model is a GGUF)."),
+    api_key: Optional[str] = typer.Option(None, help="Bearer key for --url."),
+    seed: int = typer.Option(0, help="Picks the chitchat conversations."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    md_path: Optional[Path] = typer.Option(None, "--md", help="Write the tables as Markdown here."),
+    png_path: Optional[Path] = typer.Option(None, "--png", help="Plot TTFT by turn and tok/s by clients here "
+                                            "(needs matplotlib)."),
+):
+    """Concurrent multi-turn chat clients over HTTP: TTFT p50/p95, output tok/s and errors per
+    concurrency, and time to first token by turn with prefix reuse on and off.
+
+    Servers run on 127.0.0.1 with 2 threads; every request is bounded (count and timeout). Takes
+    several minutes on the default model.
+    """
+    from kuaida.bench.load import (COLUMNS, TITLE, LoadSettings, load_markdown, parse_clients, plot_load,
+                                   run_load)
+    from kuaida.bench.report import rich_table, write_json
+
+    levels = parse_clients(clients)
+    settings = LoadSettings(turns=turns, reply_tokens=reply_tokens)
+    with err.status("benchmarking ...") as status:
+        report = run_load(url, model, dtype, levels, settings, curve_runs, peers, api_key, seed,
+                          progress=lambda step: status.update(f"benchmarking {step} ..."))
+    # Piped output is not wrapped to 80 columns: the table needs ~130.
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(report, COLUMNS, TITLE))
+    for key, target in report["targets"].items():
+        err.print(f"{key}: {target['value']} (target {target['target']}; met: {target['met']})",
+                  highlight=False)
+    if json_path:
+        write_json(report, json_path)
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(load_markdown(report))
+    if png_path:
+        plot_load(report, png_path)
+
+
 if __name__ == "__main__":
     app()
