@@ -285,7 +285,6 @@ at::Tensor qlinear(const at::Tensor& x, const QWeight& w, const std::optional<at
   at::Tensor y = at::empty(shape, x.options());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
-  // Split rows so each thread streams at least ~16 KiB of weights: below that, waking a thread costs more.
   // Threads take whole tiles of kRows rows, each at least ~16 KiB of weights: below that, waking a thread
   // costs more than it saves.
   const int64_t tiles = (w.N + kRows - 1) / kRows, tile_bytes = kRows * w.row_bytes;
