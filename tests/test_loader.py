@@ -91,7 +91,9 @@ def test_checkpoint_not_matching_config(tmp_path, tiny_llama_dir):
     del sd["model.layers.1.mlp.up_proj.weight"]
     sd["model.layers.0.extra.weight"] = torch.zeros(1)
     save_file(sd, path / "model.safetensors")
-    expected = "missing layers.1.mlp.up_proj.weight; unexpected layers.0.extra.weight"
+    # the gate without its up projection cannot be fused: named as missing (fused) and unexpected (alone)
+    expected = ("missing layers.1.mlp.gate_up_proj.weight; "
+                "unexpected layers.0.extra.weight, layers.1.mlp.gate_proj.weight")
     with pytest.raises(UnsupportedModelError, match=expected):
         load_model(str(path))
 

@@ -29,12 +29,37 @@ def hf_to_kuaida(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[s
         for key, value in state_dict.items()
         if not key.endswith("rotary_emb.inv_freq")  # recomputed from the config, never loaded
     }
+    sd = fuse_projections(sd)
     if args.tie_embeddings:
         sd.pop("lm_head.weight", None)  # some checkpoints store the tied copy too: the embedding wins
         if "embed_tokens.weight" in sd:
             sd["lm_head.weight"] = sd["embed_tokens.weight"]
     _check_against(sd, _expected_shapes(args))
     return sd
+
+
+# Our fused projections and the HF ones they stack, by rows, in this order.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack each layer's q/k/v (and gate/up) weights and biases into our fused ones."""
+    out = dict(sd)
+    for key in sd:
+        for fused, parts in FUSED.items():
+            for suffix in (".weight", ".bias"):
+                if not key.endswith(parts[0] + suffix):
+                    continue
+                prefix = key[: -len(parts[0] + suffix)]
+                names = [prefix + part + suffix for part in parts]
+                if all(n in sd for n in names):
+                    out[prefix + fused + suffix] = torch.cat([sd[n] for n in names], dim=0)
+                    for n in names:
+                        del out[n]
+    return out
 
 
 def _expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:

@@ -60,17 +60,18 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        self.q_proj = nn.Linear(args.dim, q_out, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+        self.split = (q_out, kv_out, kv_out)
+        # q, k and v projections fused in one matmul: one weight read, one kernel call per layer.
+        self.qkv_proj = nn.Linear(args.dim, q_out + 2 * kv_out, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_out, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache_fn) -> torch.Tensor:
         B, T, _ = x.shape  # batch, new tokens, model width
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin  # cos, sin: [B, 1, T, D]
         k = k * cos + rotate_half(k) * sin
         if cache_fn is not None:
@@ -83,12 +84,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        # gate and up projections fused: [gate; up] rows, one matmul.
+        self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -105,8 +107,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Module names follow Hugging Face's (`model.layers.0.self_attn.q_proj`, without the `model.`
-    prefix) so the weight converter is a rename of a few top-level keys."""
+    """Module names follow Hugging Face's (`layers.0.self_attn.o_proj`, without the `model.` prefix),
+    except the fused `qkv_proj` (q, k, v stacked by rows) and `gate_up_proj` (gate, up)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
