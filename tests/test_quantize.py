@@ -22,6 +22,7 @@ from kuaida.model.transformer import Transformer, rope_inv_freq
 
 REL_TOL = {"bf16": 0.01, "int8": 0.02, "int4": 0.16}
 MODULE = {"bf16": BF16Linear, "int8": Int8Linear, "int4": Int4Linear}
+HEAD_MODULE = {"bf16": BF16Linear, "int8": Int8Linear, "int4": Int8Linear}  # int4 keeps an int8 output layer
 QUANTIZED = list(MODULE)
 
 
@@ -45,8 +46,8 @@ def test_quantized_model_close_to_fp32(dtype):
     expect = model(tokens())
     embed = model.embed_tokens.weight.detach().clone()
     assert quantize(model, dtype) is model
-    assert isinstance(model.lm_head, MODULE[dtype])
-    assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
+    assert isinstance(model.lm_head, HEAD_MODULE[dtype])
+    assert all(isinstance(m, MODULE[dtype]) for m in model.layers.modules() if hasattr(m, "in_features"))
     # The tied embedding keeps its fp32 weight, untouched.
     assert model.embed_tokens.weight.dtype == torch.float32 and torch.equal(model.embed_tokens.weight, embed)
     assert rel_err(model(tokens()), expect) < REL_TOL[dtype]
@@ -82,6 +83,17 @@ def test_fp32_is_unchanged():
     head = model.lm_head
     assert quantize(model, "fp32") is model and model.lm_head is head
     assert "fp32" in DTYPES
+
+
+@torch.no_grad()
+def test_head_dtype_can_be_chosen():
+    model = quantize(tiny(), "int4", head_dtype="int4")
+    assert isinstance(model.lm_head, Int4Linear)
+    model = quantize(tiny(), "int8", head_dtype="fp32")
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.embed_tokens.weight
+    assert isinstance(model.layers[1].mlp.down_proj, Int8Linear)
+    with pytest.raises(InvalidArgumentError, match="choose one of"):
+        quantize(tiny(), "int4", head_dtype="int2")
 
 
 def test_unknown_dtype_lists_choices():
