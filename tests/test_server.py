@@ -71,7 +71,8 @@ def test_chat_completion(client):
     assert choice["finish_reason"] in ("stop", "length")
     usage = body["usage"]
     assert 0 < usage["completion_tokens"] <= GREEDY["max_tokens"]
-    assert usage["prompt_tokens"] > 5 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] > 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert set(body["kuaida"]) >= {"ttft_ms", "tokens_per_s", "cached_tokens"}
 
 
@@ -118,6 +119,15 @@ def test_bad_requests_are_400_naming_the_field(client, fields, param):
         assert param in error["message"]
 
 
+def test_extreme_sampling_values_never_break_generation(client):
+    # A temperature of 5e-324 would overflow logits / T to inf; it is served as greedy.
+    tiny = chat(client, temperature=5e-324)
+    assert tiny.status_code == 200
+    assert tiny.json()["choices"][0]["message"] == chat(client).json()["choices"][0]["message"]
+    assert_error(chat(client, repetition_penalty=5e-324), 400, "repetition_penalty")
+    assert chat(client, top_k=10**6, top_p=1e-9, repetition_penalty=10, seed=2**63 - 1).status_code == 200
+
+
 def test_harmless_openai_fields_are_accepted(client):
     r = chat(client, n=1, user="u1", logprobs=False, presence_penalty=0, response_format={"type": "text"},
              stream_options={"include_usage": False}, seed=3, stop=["\n\n"], max_completion_tokens=4,
@@ -134,7 +144,8 @@ def test_lone_surrogate_is_400(client):
 
 
 def test_malformed_json_and_missing_body(client):
-    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = client.post("/v1/chat/completions", content=b"{not json",
+                    headers={"content-type": "application/json"})
     assert_error(r, 400, "malformed JSON")
     assert_error(client.post("/v1/chat/completions"), 400)
     assert_error(client.post("/v1/chat/completions", content=b"[1, 2]",
@@ -142,7 +153,8 @@ def test_malformed_json_and_missing_body(client):
 
 
 def test_too_long_prompt_states_the_limit(client):
-    error = assert_error(chat(client, messages=[{"role": "user", "content": "word " * 300}]), 400, str(MAX_CONTEXT))
+    r = chat(client, messages=[{"role": "user", "content": "word " * 300}])
+    error = assert_error(r, 400, str(MAX_CONTEXT))
     assert error["code"] == "context_length_exceeded"
 
 
@@ -198,7 +210,8 @@ def test_session_lifecycle(client):
 def test_session_stream_stores_the_reply_and_reuses_the_cache(client):
     sid = client.post("/v1/sessions", json={"options": {"temperature": 0, "max_tokens": 5}}).json()["id"]
     client.post(f"/v1/sessions/{sid}/messages", json={"content": "Hello!"})
-    events = sse_events(client.post(f"/v1/sessions/{sid}/messages", json={"content": "And you?", "stream": True}))
+    r = client.post(f"/v1/sessions/{sid}/messages", json={"content": "And you?", "stream": True})
+    events = sse_events(r)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""} and events[-1] == "[DONE]"
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
     assert events[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
@@ -232,7 +245,8 @@ def test_metrics_count_requests_and_generations(client):
     text = client.get("/metrics").text
     for name in ("kuaida_http_requests_total", "kuaida_errors_total", "kuaida_time_to_first_token_seconds",
                  "kuaida_time_per_output_token_seconds", "kuaida_active_streams", "kuaida_queue_depth",
-                 "kuaida_kv_cache_hits_total", "kuaida_cached_prompt_tokens_total", "kuaida_prefilled_tokens_total",
+                 "kuaida_kv_cache_hits_total", "kuaida_cached_prompt_tokens_total",
+                 "kuaida_prefilled_tokens_total",
                  "kuaida_kv_cache_evictions_total"):
         assert name in text, name
     assert 'kuaida_http_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in text
@@ -244,7 +258,7 @@ def test_metrics_count_requests_and_generations(client):
 def test_resent_history_hits_the_kv_cache(client):
     first = chat(client).json()
     reply = first["choices"][0]["message"]["content"]
-    history = HELLO + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Tell me a joke."}]
+    history = [*HELLO, {"role": "assistant", "content": reply}, {"role": "user", "content": "A joke?"}]
     second = chat(client, messages=history).json()
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]

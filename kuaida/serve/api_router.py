@@ -14,14 +14,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from kuaida.serve.auth import request_owner
 from kuaida.serve.protocol import (
-    ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelList, SessionCreateRequest, SessionDeleted,
-    SessionHistory, SessionMessage, SessionMessageRequest, SessionObject,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    ModelList,
+    SessionCreateRequest,
+    SessionDeleted,
+    SessionHistory,
+    SessionMessage,
+    SessionMessageRequest,
+    SessionObject,
 )
 from kuaida.serve.serving import OpenAIServing
 
 STATIC_DIR = Path(__file__).parent / "static"
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429)}
-SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream=true"}}
+SSE = {200: {"content": {"text/event-stream": {}},
+             "description": "JSON, or server-sent events with stream=true"}}
 
 
 def get_serving(request: Request) -> OpenAIServing:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -24,7 +25,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kuaida.dialogue.store import SessionStore
 from kuaida.dialogue.template import end_of_turn_ids
 from kuaida.engine.scheduler import Scheduler
-from kuaida.errors import BusyError, ContextLengthError, InvalidArgumentError, KuaidaError, SessionNotFoundError
+from kuaida.errors import (
+    BusyError,
+    ContextLengthError,
+    InvalidArgumentError,
+    KuaidaError,
+    SessionNotFoundError,
+)
 from kuaida.model.loader import LoadedModel, cache_dir
 from kuaida.serve.api_router import open_routes, v1
 from kuaida.serve.auth import AuthenticationError, parse_keys
@@ -166,11 +173,12 @@ def describe_validation_error(errors: list[dict]) -> tuple[str | None, str]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, telling the caller the URL once it listens."""
+    """uvicorn, telling the caller the URL once it listens, and draining the scheduler on shutdown."""
 
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[str], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[str], None],
+                 drain: Callable[[], None]) -> None:
         super().__init__(config)
-        self.on_ready = on_ready
+        self.on_ready, self.drain = on_ready, drain
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -178,11 +186,20 @@ class _Server(uvicorn.Server):
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             self.on_ready(f"http://{f'[{host}]' if ':' in host else host}:{port}")
 
+    async def shutdown(self, sockets=None) -> None:
+        # Stop the scheduler while uvicorn waits for open connections: replies in flight get
+        # shutdown_timeout s to finish, then are cancelled and still end with a finish chunk and [DONE].
+        # Without this uvicorn would cut long streams mid-way when its own timeout (the backstop) expires.
+        draining = asyncio.create_task(asyncio.to_thread(self.drain))
+        await super().shutdown(sockets)
+        await draining
+
 
 def run_server(app: FastAPI, on_ready: Callable[[str], None]) -> None:
-    """Serve until SIGINT/SIGTERM: uvicorn stops accepting, gives in-flight replies shutdown_timeout s,
-    then the lifespan stops the scheduler (cancelling what is left) and closes the session store."""
+    """Serve until SIGINT/SIGTERM, then stop accepting, let replies in flight finish (or cancel them
+    after shutdown_timeout s) and close the session store."""
     config: ServerConfig = app.state.config
-    server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                    timeout_graceful_shutdown=config.shutdown_timeout), on_ready)
-    server.run()
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                               timeout_graceful_shutdown=config.shutdown_timeout + 5)
+    drain = partial(app.state.serving.scheduler.stop, config.shutdown_timeout)
+    _Server(uv_config, on_ready, drain).run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -46,6 +47,6 @@ def check_key(keys: tuple[str, ...], given: str | None) -> str | None:
 
 
 def request_owner(request: Request,
-                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str | None:
     """FastAPI dependency of every /v1 route."""
     return check_key(request.app.state.config.api_keys, credentials.credentials if credentials else None)

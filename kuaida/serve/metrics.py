@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,7 +29,7 @@ TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2)
 class SchedulerCollector:
     """Reads the scheduler's counters and gauges when /metrics is scraped."""
 
-    COUNTERS = {  # SchedulerMetrics field -> (metric name, help)
+    COUNTERS: ClassVar[dict[str, tuple[str, str]]] = {  # SchedulerMetrics field -> (metric name, help)
         "cache_hits": ("kuaida_kv_cache_hits", "Requests that reused a cached KV prefix."),
         "cached_tokens": ("kuaida_cached_prompt_tokens", "Prompt tokens reused from the KV cache."),
         "prefilled_tokens": ("kuaida_prefilled_tokens", "Prompt tokens computed by prefill."),
@@ -59,10 +60,12 @@ class ServerMetrics:
         self.errors = Counter("kuaida_errors", "Error responses by OpenAI error type.", ["type"], registry=r)
         self.ttft = Histogram("kuaida_time_to_first_token_seconds", "Admission to first token (incl. queue).",
                               buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("kuaida_time_per_output_token_seconds", "Mean decode time per token of a reply.",
-                              buckets=TPOT_BUCKETS, registry=r)
-        self.active = Gauge("kuaida_active_streams", "Generations in flight (queued or decoding).", registry=r)
-        self.prompt_tokens = Counter("kuaida_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.tpot = Histogram("kuaida_time_per_output_token_seconds",
+                              "Mean decode time per token of a reply.", buckets=TPOT_BUCKETS, registry=r)
+        self.active = Gauge("kuaida_active_streams", "Generations in flight (queued or decoding).",
+                            registry=r)
+        self.prompt_tokens = Counter("kuaida_prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=r)
         self.completion_tokens = Counter("kuaida_completion_tokens", "Tokens generated.", registry=r)
         self.finished = Counter("kuaida_generations", "Finished generations by finish reason.", ["reason"],
                                 registry=r)
@@ -113,15 +116,17 @@ class RequestMetricsMiddleware:
         finally:
             route = scope.get("route")
             # Route templates (/v1/sessions/{session_id}), never raw paths: ids would explode the labels.
-            self.metrics.requests.labels(scope["method"], getattr(route, "path", "unmatched"), str(status)).inc()
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
             if status >= 500:
                 self.metrics.errors.labels("server_error").inc()
-            log.debug("%s %s -> %d in %.3f s", scope["method"], scope["path"], status, time.perf_counter() - t0)
+            log.debug("%s %s -> %d in %.3f s", scope["method"], scope["path"], status,
+                      time.perf_counter() - t0)
 
 
 async def send_internal_error(send: Send) -> None:
-    body = json.dumps({"error": {"message": "internal server error (see the server log)", "type": "server_error",
-                                 "param": None, "code": None}}).encode()
-    await send({"type": "http.response.start", "status": 500,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    body = json.dumps({"error": {"message": "internal server error (see the server log)",
+                                 "type": "server_error", "param": None, "code": None}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 500, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -15,6 +15,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from kuaida.engine.sampling import SamplingParams
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+# Below this a temperature is greedy in all but name, and logits / T can overflow float32 to inf (NaN
+# probabilities): such temperatures are served as 0 (argmax).
+MIN_TEMPERATURE = 1e-3
 
 
 def _encodable(text: str) -> str:
@@ -37,23 +40,24 @@ class SamplingFields(Strict):
     """How to sample a reply; every field is optional and falls back to the server's defaults."""
 
     max_completion_tokens: int | None = Field(None, ge=1, description="Longest reply, in tokens.")
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated OpenAI alias of max_completion_tokens.")
+    max_tokens: int | None = Field(None, ge=1, description="OpenAI's deprecated max_completion_tokens.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: Text | list[Text] | None = Field(None, description="Up to 16 strings that end the reply.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (deterministic).")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="kuaida extra: keep the k most likely tokens; 0 = off.")
-    repetition_penalty: float | None = Field(
-        None, gt=0, le=10, description="kuaida extra: CTRL-style penalty on seen tokens; 1 = off."
+    repetition_penalty: float | None = Field(  # bounded away from 0: logits / penalty must stay finite
+        None, ge=0.01, le=10, description="kuaida extra: CTRL-style penalty on seen tokens; 1 = off."
     )
 
     def sampling(self, defaults: dict[str, Any]) -> SamplingParams:
         """-> SamplingParams: this request's fields over `defaults` (SamplingParams field names)."""
-        given = dict(
-            max_new_tokens=self.max_completion_tokens or self.max_tokens, seed=self.seed, stop=self.stop,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-        )
+        temperature = self.temperature
+        if temperature is not None and temperature < MIN_TEMPERATURE:
+            temperature = 0.0
+        given = {"max_new_tokens": self.max_completion_tokens or self.max_tokens, "seed": self.seed,
+                 "stop": self.stop, "temperature": temperature, "top_p": self.top_p, "top_k": self.top_k,
+                 "repetition_penalty": self.repetition_penalty}
         return SamplingParams(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
     def options(self) -> dict[str, Any]:
@@ -122,7 +126,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: dict[str, int] = Field(description="cached_tokens: prompt tokens whose KV was reused.")
+    prompt_tokens_details: dict[str, int] = Field(description="cached_tokens: prompt tokens from the cache.")
 
 
 class KuaidaStats(BaseModel):

@@ -13,8 +13,8 @@ import logging
 import secrets
 import time
 import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -24,15 +24,33 @@ from starlette.types import Receive, Scope, Send
 from kuaida.dialogue.manager import DialogueManager
 from kuaida.dialogue.store import Session, SessionStore
 from kuaida.dialogue.template import render_prompt
-from kuaida.engine.scheduler import Scheduler, Stream
 from kuaida.engine.sampling import SamplingParams
+from kuaida.engine.scheduler import Scheduler, Stream
 from kuaida.engine.sequence import GenerationStats
 from kuaida.errors import BusyError, KuaidaError, SessionNotFoundError
 from kuaida.serve.metrics import ServerMetrics
 from kuaida.serve.protocol import (
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
-    ErrorBody, ErrorResponse, KuaidaStats, ModelCard, ModelList, SessionCreateRequest, SessionDeleted,
-    SessionHistory, SessionMessage, SessionMessageRequest, SessionObject, SessionOptions, StoredTurn, Usage,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    ErrorResponse,
+    KuaidaStats,
+    ModelCard,
+    ModelList,
+    SessionCreateRequest,
+    SessionDeleted,
+    SessionHistory,
+    SessionMessage,
+    SessionMessageRequest,
+    SessionObject,
+    SessionOptions,
+    StoredTurn,
+    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -61,7 +79,8 @@ class Generation:
         self.stream.cancel()  # a no-op once finished; otherwise frees the slot at the next decode step
         self.metrics.active.dec()
         stats = self.stream.stats
-        self.metrics.generation_done(dataclasses.replace(stats, finish_reason=stats.finish_reason or "cancelled"))
+        reason = stats.finish_reason or "cancelled"  # set by the scheduler's thread at its next step
+        self.metrics.generation_done(dataclasses.replace(stats, finish_reason=reason))
 
 
 async def cancel_on_disconnect(receive: Receive, stream: Stream) -> None:
@@ -166,7 +185,8 @@ class OpenAIServing:
         yield DONE_EVENT
 
     # -- /v1/chat/completions ------------------------------------------------------------------------
-    async def chat_completion(self, req: ChatCompletionRequest, request: Request) -> ChatCompletion | EventStream:
+    async def chat_completion(self, req: ChatCompletionRequest,
+                              request: Request) -> ChatCompletion | EventStream:
         params = req.sampling(self.defaults)
         # Rendering is deterministic (same messages -> same ids), so a client resending its history
         # shares a token prefix with its last request and the scheduler reuses that KV cache.
@@ -232,7 +252,8 @@ class OpenAIServing:
                               message=AssistantMessage(content=text), finish_reason=finish_reason(stats),
                               usage=usage(stats), kuaida=kuaida_stats(stats, dropped))
 
-    async def _start_turn(self, session: Session, text: str, params: SamplingParams) -> tuple[Generation, int]:
+    async def _start_turn(self, session: Session, text: str,
+                          params: SamplingParams) -> tuple[Generation, int]:
         # The user turn is stored before generation starts; refuse a full queue before storing it, so a
         # client retrying after a 429 does not leave the same message twice in the history.
         if self.scheduler.queue_depth >= self.scheduler.max_queue:
