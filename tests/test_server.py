@@ -266,6 +266,13 @@ def test_resent_history_hits_the_kv_cache(client):
     assert "kuaida_kv_cache_hits_total 1.0" in client.get("/metrics").text
 
 
+def test_prefix_cache_can_be_turned_off(make_client):
+    client = make_client(prefix_cache=False)
+    reply = chat(client).json()["choices"][0]["message"]["content"]
+    history = [*HELLO, {"role": "assistant", "content": reply}, {"role": "user", "content": "A joke?"}]
+    assert chat(client, messages=history).json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
 def test_web_chat_page_is_served_at_root(client):
     r = client.get("/")
     assert r.status_code in (200, 404)
