@@ -62,6 +62,9 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "kuaida": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # 1, 5, 15-minute load averages when the report is made: above the core count, other work
+        # competed for the CPU during the run and the timings are pessimistic.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -101,7 +104,8 @@ def markdown(report: dict[str, Any], columns: list[Column], title: str) -> str:
     lines = [
         f"# {title}", "",
         f"Model: `{report['model']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['date']}  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['date']}, "
+        f"load average {' / '.join(map(str, m['load_average']))}  ",
         f"Command: `{report['command']}`  ",
         "Settings: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in report["settings"].items()), "",
         "| " + " | ".join(c.header for c in columns) + " |",
