@@ -115,3 +115,23 @@ def test_stop_cancels_waiting_requests(loaded):
     assert done.wait(10)
     with pytest.raises(BusyError):
         sched.submit([1, 2], SamplingParams(**GREEDY))
+
+
+def test_one_failing_request_does_not_end_the_others(loaded, monkeypatch):
+    from kuaida.engine import sequence
+
+    real = sequence.Sequence.next_token
+
+    def flaky(self, logits):  # the request with prompt [66, 66] fails on its second token
+        if self.prompt_ids == [66, 66] and self.tokens:
+            raise RuntimeError("boom")
+        return real(self, logits)
+
+    monkeypatch.setattr(sequence.Sequence, "next_token", flaky)
+    sched = make(loaded)
+    bad = sched.submit([66, 66], SamplingParams(**GREEDY))
+    good = sched.submit(PROMPTS[0], SamplingParams(**GREEDY))
+    with pytest.raises(Exception, match="generation failed: boom"):
+        list(bad)
+    assert "".join(good) == single(loaded, PROMPTS[0], **GREEDY)
+    sched.stop()

@@ -21,6 +21,11 @@ MAX_STOP_STRINGS = 16
 # torch's CPU topk takes a fast partial sort while k <= V / 64 (768 for a 49k vocabulary).
 NUCLEUS_CANDIDATES = 512
 MAX_TEMPERATURE = 100.0  # beyond this the distribution is uniform in all but name: likely a unit mix-up
+# Below this temperature sampling is argmax in all but name, and logits / T can overflow float32 (inf,
+# then NaN probabilities): such temperatures are served as greedy.
+GREEDY_BELOW = 1e-2
+# A penalty this far from 1 divides or multiplies logits into overflow; nobody needs more.
+PENALTY_RANGE = (1e-2, 100.0)
 
 
 @dataclass
@@ -28,7 +33,7 @@ class SamplingParams:
     """How to pick each next token, and when to stop."""
 
     max_new_tokens: int = 256
-    temperature: float = 0.7  # 0 means greedy (argmax)
+    temperature: float = 0.7  # 0 (or anything below GREEDY_BELOW) means greedy (argmax)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off; CTRL-style over prompt + generated tokens
@@ -52,9 +57,10 @@ class SamplingParams:
         )
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        lo, hi = PENALTY_RANGE
         _check(
-            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-            f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}",
+            math.isfinite(self.repetition_penalty) and lo <= self.repetition_penalty <= hi,
+            f"repetition_penalty must be in [{lo:g}, {hi:g}] (1 = off), got {self.repetition_penalty}",
         )
         _check(self.seed is None or self.seed >= 0, f"seed must be >= 0 or None, got {self.seed}")
         _check(
@@ -66,7 +72,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _check(ok: bool, message: str) -> None:

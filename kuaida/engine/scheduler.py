@@ -240,7 +240,11 @@ class Scheduler:
         self.metrics.decoded_tokens += len(batch)
         for i, a in enumerate(batch):
             a.slot.cached_ids.append(a.last_token)
-            self._advance(a, logits[i:i + 1])
+            try:
+                self._advance(a, logits[i:i + 1])
+            except Exception as e:  # one request's failure (e.g. in sampling) must not end the others
+                log.exception("request %s failed", a.stream.id)
+                self._finish(a, KuaidaError(f"generation failed: {e}"))
 
     def _advance(self, a: Active, logits: torch.Tensor) -> None:
         token = a.seq.next_token(logits)

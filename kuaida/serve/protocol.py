@@ -17,9 +17,6 @@ from kuaida.engine.sampling import SamplingParams
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
 # Below this a temperature is greedy in all but name, and logits / T can overflow float32 to inf (NaN
 # probabilities): such temperatures are served as 0 (argmax).
-MIN_TEMPERATURE = 1e-3
-
-
 def _encodable(text: str) -> str:
     # JSON may carry lone surrogates ("\ud800"); neither the tokenizer nor SQLite can take them.
     try:
@@ -52,11 +49,9 @@ class SamplingFields(Strict):
 
     def sampling(self, defaults: dict[str, Any]) -> SamplingParams:
         """-> SamplingParams: this request's fields over `defaults` (SamplingParams field names)."""
-        temperature = self.temperature
-        if temperature is not None and temperature < MIN_TEMPERATURE:
-            temperature = 0.0
+        # Tiny temperatures are served as greedy by SamplingParams itself (sampling.GREEDY_BELOW).
         given = {"max_new_tokens": self.max_completion_tokens or self.max_tokens, "seed": self.seed,
-                 "stop": self.stop, "temperature": temperature, "top_p": self.top_p, "top_k": self.top_k,
+                 "stop": self.stop, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                  "repetition_penalty": self.repetition_penalty}
         return SamplingParams(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
