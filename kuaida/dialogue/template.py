@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,34 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     return clean
 
 
+# Placeholders for message contents (Unicode private-use characters, which templates pass through).
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Messages -> prompt token ids through the checkpoint's chat template, ready for the reply."""
-    text = tokenizer.apply_chat_template(validate_messages(messages), tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Messages -> prompt token ids through the checkpoint's chat template, ready for the reply.
+
+    Text a user typed never becomes a control token: a content that spells one (`<|im_end|>` ...) is
+    tokenized as plain text, so it cannot close its turn and open a system turn (prompt injection).
+    """
+    msgs = validate_messages(messages)
+    if not any(special in m["content"] for m in msgs for special in _special_strings(tokenizer)):
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    # Render with placeholders, then tokenize the template's text and each content separately.
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(msgs)]
+    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    ids: list[int] = []
+    for j, part in enumerate(_MARK.split(text)):  # even parts: template text; odd: message index
+        if j % 2 == 0:
+            ids += tokenizer.encode(part, add_special_tokens=False) if part else []
+        elif content := msgs[int(part)]["content"]:
+            ids += tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
+    return ids
+
+
+def _special_strings(tokenizer) -> list[str]:
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
 
 
 def end_of_turn_ids(tokenizer, model_dir: Path | None) -> set[int]:
