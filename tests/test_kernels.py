@@ -108,19 +108,20 @@ def test_kernel_dequantize_is_exact(dtype, bf16):
     """fp32: bit-exact; bf16: bit-exact with torch's rounding (to nearest even)."""
     wargs, deq, _ = make(dtype, 33, 1536, 64)
     ext = kernels._load()
-    out = ext.int8_dequantize(*wargs, bf16) if dtype == "int8" else ext.int4_dequantize(*wargs, bf16)
-    assert torch.equal(out, deq.bfloat16() if bf16 else deq)
+    out = torch.empty(33, 1536, dtype=torch.bfloat16 if bf16 else torch.float32)
+    got = ext.int8_dequantize(*wargs, out) if dtype == "int8" else ext.int4_dequantize(*wargs, out)
+    assert got is out and torch.equal(out, deq.bfloat16() if bf16 else deq)
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-@pytest.mark.parametrize("m", [1, 7, kernels.BF16_GEMM_MIN_ROWS + 3])
+@pytest.mark.parametrize("m", [1, 7, 12, 20, 130])
 @pytest.mark.parametrize("bf16_fast", [False, True])
 def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, monkeypatch):
     """The public ops against the pure PyTorch fallback, on 3-d input with a bias, on both kinds of CPU
-    (with or without native bf16 GEMM). Integer kernel: the activation-quantization bound above.
-    bf16 GEMM (many rows, AVX512-BF16): x and w each rounded to bf16 (unit roundoff 2^-8), so the error
-    is at most 2^-7 * sum |x w|."""
+    (with or without native bf16 GEMM), at row counts on both sides of the GEMM thresholds. Integer
+    kernel: the activation-quantization bound above; fp32 GEMM is exact up to rounding, well inside it.
+    bf16 GEMM: x and w each rounded to bf16 (unit roundoff 2^-8), so the error is at most 2^-7 sum |x w|."""
     wargs, deq, scaled = make(dtype, 192, 576)
     x, bias = inputs(m, 576, 192, True)
     x = x[None]  # [1, m, 576]
@@ -131,8 +132,10 @@ def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, monkeypatch):
     fallback = op(x, *wargs, bias)
     assert fallback.shape == y.shape == (1, m, 192)
     torch.testing.assert_close(fallback, F.linear(x, deq, bias), rtol=0, atol=1e-5)
-    if bf16_fast and m >= kernels.BF16_GEMM_MIN_ROWS:
+    if bf16_fast and m >= kernels.BF16_GEMM_MIN_ROWS[dtype]:
         bound = 2**-7 * 1.01 * F.linear(x[0].abs(), deq.abs()) + 1e-5
+    elif not bf16_fast and m >= kernels.FP32_GEMM_MIN_ROWS[dtype]:
+        bound = torch.full_like(fallback[0], 1e-5)  # the same fp32 GEMM as the fallback
     else:
         bound = F.linear(block_absmax(x[0]) / (2 * ACT_MAX), scaled.abs()) * 1.001 + 1e-5
     assert ((y - fallback)[0].abs() <= bound).all()

@@ -1,17 +1,18 @@
 """Quantized matmuls: C++/AVX2 kernels built on first use, with a pure PyTorch fallback.
 
 `int8_linear` / `int4_linear` take x [..., K] fp32 and weights in the formats of `reference.py` and return
-[..., N] fp32. They run the integer kernel, which reads each weight byte once, except for many rows (long
-prefill) on CPUs with native bf16 dot products (AVX512-BF16), where dequantizing to bf16 for oneDNN's bf16
-GEMM is faster. On AVX2-only CPUs the integer kernel beats dequantize + fp32 GEMM at every row count
-measured (up to 256; benchmarks/results/kernels.md). Without the kernels (no compiler, no AVX2,
-KUAIDA_NO_KERNELS=1) both go to `reference`: the same weights, fp32 activations, slower.
+[..., N] fp32. They run the integer kernel, which reads each weight byte once, except for many rows
+(prefill), where dequantizing the layer and calling a GEMM library is faster: bf16 GEMM (oneDNN) on CPUs
+with native bf16 dot products (AVX512-BF16), fp32 GEMM (MKL) elsewhere. Thresholds are measured
+(benchmarks/results/kernels.md). Without the kernels (no compiler, no AVX2, KUAIDA_NO_KERNELS=1) both go
+to `reference`: the same weights, fp32 activations, slower.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -25,9 +26,11 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("qgemm.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
-# Rows from which dequantize to bf16 + bf16 GEMM beats the integer kernel where bf16 GEMM is native
-# (measured crossover ~26-30 rows for int4 and int8; benchmarks/results/kernels.md).
-BF16_GEMM_MIN_ROWS = 32
+# Rows from which dequantize + GEMM beats the integer kernel (crossovers measured over the model's layers,
+# one thread; benchmarks/results/kernels.md): with native bf16, bf16 GEMM from ~9 rows (int8), ~14 (int4);
+# without, fp32 GEMM from ~48 (int8), ~128 (int4).
+BF16_GEMM_MIN_ROWS = {"int8": 10, "int4": 14}
+FP32_GEMM_MIN_ROWS = {"int8": 48, "int4": 128}
 
 
 def cache_dir() -> Path:
@@ -81,14 +84,36 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
-def _bf16_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K], w [N, K] bf16 -> [..., N] fp32; the bias is added in fp32."""
-    y = F.linear(x.bfloat16(), w).float()
+_scratch = threading.local()  # per thread: concurrent forwards must not share a buffer
+# 16 MB of bf16: any layer of a small model. Bigger weights (the 49152 x 576 output layer) stay on the
+# integer kernel, which needs no buffer.
+SCRATCH_MAX_ELEMENTS = 8 << 20
+
+
+def weight_buffer(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized [n, k] buffer for dequantized weights, reused across calls (see qgemm.cpp)."""
+    if n * k > SCRATCH_MAX_ELEMENTS:
+        return torch.empty(n, k, dtype=dtype)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n * k or buf.dtype != dtype:
+        buf = _scratch.buf = torch.empty(n * k, dtype=dtype)
+    return buf[: n * k].view(n, k)
+
+
+def _gemm_dtype(x: torch.Tensor, dtype: str, n: int) -> torch.dtype | None:
+    """The dtype to dequantize an [n, K] `dtype` weight to for a GEMM library, or None: integer kernel."""
+    k = x.shape[-1]
+    if n * k > SCRATCH_MAX_ELEMENTS:
+        return None
+    if bf16_gemm_is_fast():
+        return torch.bfloat16 if x.numel() >= BF16_GEMM_MIN_ROWS[dtype] * k else None
+    return torch.float32 if x.numel() >= FP32_GEMM_MIN_ROWS[dtype] * k else None
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K], w [N, K] fp32 or bf16 -> [..., N] fp32; the bias is added in fp32."""
+    y = F.linear(x.to(w.dtype), w).float()
     return y if bias is None else y.add_(bias)
-
-
-def _use_bf16_gemm(x: torch.Tensor) -> bool:
-    return x.numel() >= BF16_GEMM_MIN_ROWS * x.shape[-1] and bf16_gemm_is_fast()
 
 
 # The two ops below run once per linear layer per token: they stay minimal (a few microseconds of Python).
@@ -97,8 +122,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, bias: torch.T
     ext = _load()
     if ext is None:
         return reference.int8_linear(x.float(), q, d, bias)
-    if _use_bf16_gemm(x):
-        return _bf16_gemm(x, ext.int8_dequantize(q, d, True), bias)
+    if (gemm := _gemm_dtype(x, "int8", q.shape[0])) is not None:
+        return _gemm(x, ext.int8_dequantize(q, d, weight_buffer(*q.shape, gemm)), bias)
     return ext.int8_linear(_fp32(x), q, d, bias)
 
 
@@ -108,6 +133,6 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tens
     ext = _load()
     if ext is None:
         return reference.int4_linear(x.float(), q, d, m, bias)
-    if _use_bf16_gemm(x):
-        return _bf16_gemm(x, ext.int4_dequantize(q, d, m, True), bias)
+    if (gemm := _gemm_dtype(x, "int4", q.shape[0])) is not None:
+        return _gemm(x, ext.int4_dequantize(q, d, m, weight_buffer(q.shape[0], q.shape[1] * 2, gemm)), bias)
     return ext.int4_linear(_fp32(x), q, d, m, bias)

@@ -42,11 +42,12 @@ def _int_op(variant: str, ext, int4: bool, wargs: tuple[torch.Tensor, ...]) -> L
     public = kernels.int4_linear if int4 else kernels.int8_linear
     kernel = ext.int4_linear if int4 else ext.int8_linear
     dequantize = ext.int4_dequantize if int4 else ext.int8_dequantize
+    n, k = wargs[0].shape[0], wargs[0].shape[1] * (2 if int4 else 1)
     return {
         "": lambda x: public(x, *wargs),
         "-kernel": lambda x: kernel(x, *wargs, None),
-        "-bf16": lambda x: F.linear(x.bfloat16(), dequantize(*wargs, True)).float(),
-        "-gemm": lambda x: F.linear(x, dequantize(*wargs, False)),
+        "-bf16": lambda x: F.linear(x.bfloat16(), dequantize(*wargs, kernels.weight_buffer(n, k, torch.bfloat16))).float(),
+        "-gemm": lambda x: F.linear(x, dequantize(*wargs, kernels.weight_buffer(n, k, torch.float32))),
     }[variant]
 
 

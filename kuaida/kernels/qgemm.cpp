@@ -378,12 +378,15 @@ void dequantize_into(const QWeight& w, T* o) {
   });
 }
 
+// Writes into `out` (fp32 or bf16 [N, K], contiguous): callers reuse one buffer, as a fresh multi-MB
+// tensor per call spends more time in page faults than in dequantizing.
 template <bool kInt4>
-at::Tensor dequantize(const QWeight& w, bool bf16) {
-  at::Tensor out = at::empty({w.N, w.K}, bf16 ? at::kBFloat16 : at::kFloat);
-  if (bf16) {
+at::Tensor dequantize(const QWeight& w, at::Tensor out) {
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == w.N && out.size(1) == w.K, "out: [N, K]");
+  if (out.scalar_type() == at::kBFloat16) {
     dequantize_into<kInt4>(w, reinterpret_cast<uint16_t*>(out.data_ptr()));
   } else {
+    TORCH_CHECK(out.scalar_type() == at::kFloat, "out: fp32 or bf16");
     dequantize_into<kInt4>(w, out.data_ptr<float>());
   }
   return out;
@@ -406,15 +409,15 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return qlinear<true>(x, view_weight(q, d, &m, q.size(1) * 2), bias);
 }
 
-at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& d, bool bf16) {
+at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& d, at::Tensor out) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && d.is_contiguous(), "int8 q, fp16 d");
-  return dequantize<false>(view_weight(q, d, nullptr, q.size(1)), bf16);
+  return dequantize<false>(view_weight(q, d, nullptr, q.size(1)), out);
 }
 
-at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m, bool bf16) {
+at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m, at::Tensor out) {
   TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && d.is_contiguous() && m.is_contiguous(),
               "uint8 q, fp16 d and m");
-  return dequantize<true>(view_weight(q, d, &m, q.size(1) * 2), bf16);
+  return dequantize<true>(view_weight(q, d, &m, q.size(1) * 2), out);
 }
 
 }  // namespace
@@ -422,6 +425,6 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int8_linear", &int8_linear, "y = x @ dequant(q, d)^T + bias");
   mod.def("int4_linear", &int4_linear, "y = x @ dequant(q, d, m)^T + bias");
-  mod.def("int8_dequantize", &int8_dequantize, "[N, K] fp32 (or bf16) from int8 q and fp16 scales");
-  mod.def("int4_dequantize", &int4_dequantize, "[N, K] fp32 (or bf16) from packed int4 q, fp16 scales, mins");
+  mod.def("int8_dequantize", &int8_dequantize, "out [N, K] fp32 or bf16 <- int8 q, fp16 scales");
+  mod.def("int4_dequantize", &int4_dequantize, "out [N, K] fp32 or bf16 <- packed int4 q, fp16 scales, mins");
 }
