@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 
-# Rows from which upcasting bf16 weights for fp32 GEMM beats bf16 GEMM on CPUs without native bf16
-# (measured: bf16 2x faster at 4 rows, even at 8, 1.3x slower at 12; benchmarks/results/kernels.md).
-BF16_UPCAST_MIN_ROWS = 8
+# Rows from which upcasting bf16 weights (into a reused buffer) for fp32 GEMM beats bf16 GEMM on CPUs
+# without native bf16 (measured: bf16 1.7x faster at 1 row, 1.2x slower at 4; benchmarks/results/kernels.md).
+BF16_UPCAST_MIN_ROWS = 3
 
 
 class _QuantLinear(nn.Module):
@@ -94,7 +94,8 @@ class BF16Linear(_QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // x.shape[-1] >= BF16_UPCAST_MIN_ROWS and not kernels.bf16_gemm_is_fast():
-            return F.linear(x.float(), self.weight.float(), self.bias)
+            w = kernels.weight_buffer(self.out_features, self.in_features, torch.float32).copy_(self.weight)
+            return F.linear(x.float(), w, self.bias)
         y = F.linear(x.bfloat16(), self.weight).float()
         return y if self.bias is None else y + self.bias
 

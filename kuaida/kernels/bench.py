@@ -59,7 +59,7 @@ def make_op(fmt: str, w: torch.Tensor) -> tuple[Linear, int]:
         wb = w.bfloat16()
         if fmt == "bf16":
             return (lambda x: F.linear(x.bfloat16(), wb).float()), _nbytes(wb)
-        return (lambda x: F.linear(x, wb.float())), _nbytes(wb)
+        return (lambda x: F.linear(x, kernels.weight_buffer(*wb.shape, torch.float32).copy_(wb))), _nbytes(wb)
     kind, variant = fmt[:4], fmt[4:]
     wargs = reference.quantize_int4(w, 32) if kind == "int4" else reference.quantize_int8(w, 32)
     return _int_op(variant, kernels._load(), kind == "int4", wargs), _nbytes(*wargs)
