@@ -44,6 +44,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_version() -> str | None:
+    """The git commit kuaida runs from ("abc1234" or "abc1234+dirty"); None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None  # an installed wheel, or no git: the package version alone says what ran
+    return commit + ("+dirty" if dirty else "")
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     """Where a benchmark ran: enough to tell whether two result files are comparable."""
     import psutil
@@ -61,6 +76,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "kuaida": __version__,
+        "git": code_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # 1, 5, 15-minute load averages when the report is made: above the core count, other work
         # competed for the CPU during the run and the timings are pessimistic.
@@ -105,7 +121,7 @@ def markdown(report: dict[str, Any], columns: list[Column], title: str) -> str:
         f"# {title}", "",
         f"Model: `{report['model']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['date']}, "
-        f"load average {' / '.join(map(str, m['load_average']))}  ",
+        f"load average {' / '.join(map(str, m['load_average']))}, kuaida {m['kuaida']} ({m['git']})  ",
         f"Command: `{report['command']}`  ",
         "Settings: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in report["settings"].items()), "",
         "| " + " | ".join(c.header for c in columns) + " |",
