@@ -253,7 +253,7 @@ def test_report_against_a_running_server(fake_server, tmp_path):
     rows = [r for r in report["results"] if "skipped" not in r]
     assert [r["clients"] for r in rows] == [1, 2] and all(r["errors"] == 0 for r in rows)
     for key in ("requests", "ttft_ms", "output_tokens", "output_tok_s", "wall_s", "speedup_vs_1_client",
-                "last_turn_history_tokens"):
+                "last_turn_history_tokens", "other_cpu_cores"):
         assert all(key in r for r in rows), key
     assert rows[1]["requests"] == 6
     assert [p["turn"] for p in next(iter(report["curves"].values()))] == [1, 2, 3]
@@ -261,6 +261,8 @@ def test_report_against_a_running_server(fake_server, tmp_path):
         f"server at {fake_server.url} (reuse off)", load.LLAMACPP}
     assert set(report["targets"]) == {"last_turn_history_tokens", "last_turn_ttft_vs_turn_1",
                                       "last_turn_ttft_reuse_speedup", "8_clients_output_tok_s_vs_1"}
+    assert all(r["other_cpu_cores"] >= 0 for r in rows) and set(report["curves_other_cpu_cores"]) == {
+        f"server at {fake_server.url} (reuse on)"}
     markdown = load.load_markdown(report)
     assert "## Time to first token by turn" in markdown and "## Targets" in markdown
     json.dumps(report)  # serializable as is

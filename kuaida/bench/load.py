@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
+import psutil
 
 from kuaida.bench.report import MISSING, Column, cell, fixed, make_report, markdown
 from kuaida.errors import InvalidArgumentError, KuaidaError
@@ -80,6 +81,7 @@ COLUMNS = [
     Column("output tok/s (all clients)", "output_tok_s", fixed(1)),
     Column("× 1 client", "speedup_vs_1_client", lambda v: f"{v:.2f}×"),
     Column("history tokens (last turn, median)", "last_turn_history_tokens"),
+    Column("other CPU (cores)", "other_cpu_cores", fixed(2)),
 ]
 
 
@@ -335,21 +337,62 @@ class Workload:
         return cls(pool[:curve_runs], levels)
 
 
+class OtherCpu:
+    """CPU that other processes used while the block ran, in cores (0.5: half a core on average), so a
+    run on a shared machine shows its competition. This process and its children (the clients and the
+    servers this command started) are left out; a server at --url counts as other."""
+
+    cores: float | None = None
+
+    @staticmethod
+    def busy_s() -> float:
+        t = psutil.cpu_times()  # all CPUs together
+        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    @staticmethod
+    def own_s() -> float:
+        me = psutil.Process()
+        t = me.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system  # children_*: those already reaped
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # it exited meanwhile
+                total += sum(child.cpu_times()[:2])  # user, system
+        return total
+
+    def __enter__(self) -> OtherCpu:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self.busy_s(), self.own_s()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        other = (self.busy_s() - self.busy0) - (self.own_s() - self.own0)
+        self.cores = round(max(0.0, other) / wall, 2) if wall > 0 else None
+
+
+@dataclass
+class Measured:
+    rows: list[dict[str, Any]]  # one per concurrency level
+    curve: list[dict[str, Any]] | None  # TTFT by turn
+    curve_other_cpu: float | None = None  # see OtherCpu
+
+
 def measure(target: Target, work: Workload, settings: LoadSettings, sweep: bool,
-            progress: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Warm up, run the turn curve (one conversation at a time), then the sweep -> rows, curve."""
+            progress: Callable[[str], None]) -> Measured:
+    """Warm up, run the turn curve (one conversation at a time), then the sweep."""
     progress(f"{target.name}: warm-up")
     run_conversation(target, ["Hi! How is your day going?"], settings)  # first-call allocations, untimed
     replies = []
-    for i, conversation in enumerate(work.curve):
-        progress(f"{target.name}: turn curve, conversation {i + 1}/{len(work.curve)}")
-        replies.append(run_conversation(target, conversation, settings))
+    with OtherCpu() as curve_cpu:
+        for i, conversation in enumerate(work.curve):
+            progress(f"{target.name}: turn curve, conversation {i + 1}/{len(work.curve)}")
+            replies.append(run_conversation(target, conversation, settings))
     rows = []
     for conversations in work.levels if sweep else []:
         progress(f"{target.name}: {len(conversations)} concurrent clients")
-        results, wall = run_clients(target, conversations, settings)
-        rows.append(summarize_level(target.name, results, wall))
-    return rows, turn_curve(replies)
+        with OtherCpu() as cpu:
+            results, wall = run_clients(target, conversations, settings)
+        rows.append({**summarize_level(target.name, results, wall), "other_cpu_cores": cpu.cores})
+    return Measured(rows, turn_curve(replies), curve_cpu.cores)
 
 
 # -- servers on 127.0.0.1 --------------------------------------------------------------------------
@@ -437,7 +480,7 @@ def start_server(label: str, command: Callable[[int], list[str]], health: str, l
 
 
 def run_peer(model: str, context: int, work: Workload, settings: LoadSettings, log_dir: Path,
-             progress: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+             progress: Callable[[str], None]) -> Measured:
     """llama.cpp's OpenAI server under the same load -> its rows and curve (a skipped row if it cannot
     run here: a peer that fails to start does not fail the benchmark)."""
     from kuaida.bench.latency import gguf_for
@@ -450,7 +493,7 @@ def run_peer(model: str, context: int, work: Workload, settings: LoadSettings, l
                 return measure(target, work, settings, True, progress)
         except KuaidaError as e:
             reason = f"did not start: {str(e).splitlines()[0]}"
-    return [{"variant": LLAMACPP, "skipped": reason}], None
+    return Measured([{"variant": LLAMACPP, "skipped": reason}], None)
 
 
 def run_load(url: str | None = None, model: str = "default", dtype: str = "int8",
@@ -466,25 +509,26 @@ def run_load(url: str | None = None, model: str = "default", dtype: str = "int8"
     on, off = f"{name} (reuse on)", f"{name} (reuse off)"
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[dict[str, Any]]] = {}
+    curve_cpu: dict[str, float | None] = {}
 
-    def add(result: tuple[list[dict[str, Any]], list[dict[str, Any]] | None], curve: str) -> None:
-        rows.extend(result[0])
-        if result[1] is not None:
-            curves[curve] = result[1]
+    def add(result: Measured, curve: str) -> None:
+        rows.extend(result.rows)
+        if result.curve is not None:
+            curves[curve], curve_cpu[curve] = result.curve, result.curve_other_cpu
 
     with tempfile.TemporaryDirectory(prefix="kuaida-load-") as tmp:
         if url:
             add(measure(Target(name, url.rstrip("/"), api_key), work, settings, True, progress), on)
-            add(([{"variant": off, "skipped": "needs a server this command starts (no --url)"}], None), off)
+            reason = "needs a server this command starts (no --url)"
+            add(Measured([{"variant": off, "skipped": reason}], None), off)
         else:
             for curve, reuse in ((on, True), (off, False)):  # the no-reuse server only draws its curve
                 command = functools.partial(kuaida_command, model, dtype, reuse)
                 with start_server(curve, command, "/health", Path(tmp)) as target:
                     add(measure(dataclasses.replace(target, name=name), work, settings, reuse, progress),
                         curve)
-        skip = [{"variant": LLAMACPP, "skipped": "not asked for (--no-peers)"}]
-        add(run_peer(model, context, work, settings, Path(tmp), progress) if peers else (skip, None),
-            LLAMACPP)
+        skip = Measured([{"variant": LLAMACPP, "skipped": "not asked for (--no-peers)"}], None)
+        add(run_peer(model, context, work, settings, Path(tmp), progress) if peers else skip, LLAMACPP)
     add_speedups(rows)
     run_settings = {"clients": list(clients), "turns": settings.turns, "reply_tokens": settings.reply_tokens,
                     "temperature": settings.temperature, "curve_conversations": curve_runs, "seed": seed,
@@ -492,7 +536,7 @@ def run_load(url: str | None = None, model: str = "default", dtype: str = "int8"
                     "system_prompt_words": len(SYSTEM_PROMPT.split()),
                     "request_timeout_s": settings.timeout_s}
     report = make_report("load", model, run_settings, rows, THREADS)
-    report["curves"] = curves
+    report["curves"], report["curves_other_cpu_cores"] = curves, curve_cpu
     report["targets"] = check_targets([r for r in rows if "skipped" not in r], curves, on, off)
     return report
 
@@ -534,7 +578,10 @@ def curve_table(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
 def load_markdown(report: dict[str, Any]) -> str:
     lines = [markdown(report, COLUMNS, TITLE), "## Time to first token by turn", "",
              ("Median over the turn-curve conversations, run one at a time; history tokens = the prompt "
-              "the server reported for that turn."), "", *curve_table(report["curves"]), "", "## Targets", ""]
+              "the server reported for that turn."), "", *curve_table(report["curves"]), "",
+             "Other processes' CPU while the curves ran (cores): " + ", ".join(
+                 f"{name} {cores}" for name, cores in report["curves_other_cpu_cores"].items()),
+             "", "## Targets", ""]
     for key, t in report["targets"].items():
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
         value = MISSING if t["value"] is None else t["value"]
