@@ -56,7 +56,8 @@ def _load() -> ModuleType | None:
 
     build_dir = cache_dir() / "ext" / "qgemm"
     if not any(build_dir.glob("*.so")):
-        log.info("building kuaida kernels, ~1 min, once (into %s)", build_dir)
+        # WARNING, not INFO: the CLI shows warnings by default, and a silent minute looks like a hang.
+        log.warning("building kuaida kernels, ~1 min, once (into %s)", build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(name="kuaida_qgemm", sources=[str(_SOURCE)], build_directory=str(build_dir),
