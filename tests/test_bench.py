@@ -82,7 +82,8 @@ def test_peak_rss_is_the_workers_own():
 
     ballast = bytearray(700 * 2**20)  # the parent's RSS: 700 MB more than the worker will ever touch
     code = "from kuaida.bench.latency import memory_mb; print(memory_mb()['peak_rss_mb'])"
-    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout)
     assert 10 < child < 600 and len(ballast)
 
 
@@ -114,8 +115,8 @@ def latency_report():
 
 def test_result_rows_have_the_documented_keys(latency_report):
     hf, fp32, skipped = latency_report["results"]
-    assert set(fp32) >= {"variant", "ttft_ms", "decode_tok_s", "peak_rss_mb", "rss_mb", "rss_file_mb", "agreement",
-                         "speedup_vs_hf"}
+    assert set(fp32) >= {"variant", "ttft_ms", "decode_tok_s", "peak_rss_mb", "rss_mb", "rss_file_mb",
+                         "agreement", "speedup_vs_hf"}
     assert set(fp32["ttft_ms"]) == set(fp32["decode_tok_s"]) == {"median", "p90"}
     assert set(fp32["agreement"]) == {"teacher_forced", "greedy_prefix", "identical"}
     assert fp32["ttft_ms"]["median"] == pytest.approx(200.0)

@@ -1,2 +1,2 @@
-"""Benchmarks behind `kuaida bench`: latency (TTFT, decode tok/s, memory, agreement with fp32) against
-transformers and llama.cpp. Reports are JSON + Markdown (report.py); results live in benchmarks/results/."""
+"""Benchmarks behind `kuaida bench` (latency, load, ...), each measured against transformers and
+llama.cpp. Reports are JSON + Markdown (report.py); committed results live in benchmarks/results/."""

@@ -132,7 +132,8 @@ def make_runner(variant: str, model: str, reference: dict | None, context: int):
 
 # /proc/self/status fields -> report keys. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a worker would
 # report its parent's peak when that is higher. RssFile is memory-mapped files (weights) counted in RSS.
-STATUS_FIELDS = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb"}
+STATUS_FIELDS = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "rss_anon_mb",
+                 "RssFile": "rss_file_mb"}
 
 
 def memory_mb() -> dict[str, float]:
@@ -160,7 +161,8 @@ def run_variant(variant: str, model: str, messages: list, reference: dict | None
     # loading (fp32 weights before quantization); the current RSS is what serving keeps.
     memory = memory_mb()
     ref_tokens = reference["tokens"] if reference else [r.tokens for r in runs]
-    out = {"variant": variant, "backend": runner.backend, "memory_mb": memory, "tokens": [r.tokens for r in runs], "ttft_s": [r.ttft_s for r in runs],
+    out = {"variant": variant, "backend": runner.backend, "memory_mb": memory,
+           "tokens": [r.tokens for r in runs], "ttft_s": [r.ttft_s for r in runs],
            "decode_tok_s": [r.decode_tok_s for r in runs],
            "next_tokens": [runner.next_tokens(ids, ref) for ids, ref in zip(prompt_ids, ref_tokens)]}
     if reference is None:
@@ -225,7 +227,8 @@ def result_row(out: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]
     return {"variant": out["variant"], "backend": out["backend"],
             "ttft_ms": spread([t * 1000 for t in out["ttft_s"]], 1),
             "decode_tok_s": spread(out["decode_tok_s"], 2),
-            **{key: round(mb) for key, mb in out["memory_mb"].items()}, "agreement": agreement, "speedup_vs_hf": None}
+            **{key: round(mb) for key, mb in out["memory_mb"].items()},
+            "agreement": agreement, "speedup_vs_hf": None}
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
