@@ -43,5 +43,16 @@ class KVCache:
         vc[row_idx[:, None], :, positions] = v.transpose(1, 2)
         return kc[row_idx, :, :span], vc[row_idx, :, :span]
 
+    def update_ragged(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, spans: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode step of B sequences each at its own position: write k, v ([B, H, 1, D]) at
+        `positions` ([B]) of cache `rows` ([B]); return, per row, views of its own prefix
+        ([1, H, length, D], no copy) — gathering the rows into one padded batch would copy every
+        row's whole history at every layer and step."""
+        kc, vc = self.k[layer], self.v[layer]
+        kc[rows, :, positions] = k[:, :, 0]
+        vc[rows, :, positions] = v[:, :, 0]
+        return [(kc[r:r + 1, :, :n], vc[r:r + 1, :, :n]) for r, n in spans]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

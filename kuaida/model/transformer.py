@@ -74,10 +74,14 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin  # cos, sin: [B, 1, T, D]
         k = k * cos + rotate_half(k) * sin
-        if cache_fn is not None:
-            k, v = cache_fn(k, v)  # [B, Hkv, S, D]: the cached prefix plus these tokens
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        gqa = self.n_heads != self.n_kv_heads
+        kv = cache_fn(k, v) if cache_fn is not None else (k, v)
+        if isinstance(kv, list):  # ragged batched decode: each row attends to its own prefix
+            y = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], kb, vb, enable_gqa=gqa)
+                           for b, (kb, vb) in enumerate(kv)])
+        else:  # k, v: [B, Hkv, S, D], the cached prefix plus these tokens
+            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask,
+                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -144,7 +148,16 @@ class Transformer(nn.Module):
             positions = torch.arange(T).expand(B, T)
         cos, sin = self.rope(positions)
         mask, cache_fns = None, [None] * len(self.layers)
-        if cache is not None:
+        if B == 1 and not isinstance(rows, slice):
+            rows = slice(int(rows[0]), int(rows[0]) + 1)  # one row: the cache's view-only fast path
+        if cache is not None and B > 1 and T == 1 and not isinstance(rows, slice):
+            # Batched decode of independent conversations (the server): no padding, no mask.
+            spans = list(zip(rows.tolist(), (positions[:, 0] + 1).tolist()))  # (cache row, keys to see)
+            cache_fns = [
+                (lambda k, v, i=i: cache.update_ragged(i, rows, positions[:, 0], k, v, spans))
+                for i in range(len(self.layers))
+            ]
+        elif cache is not None:
             span = int(positions.max()) + 1  # keys to attend to: the longest row's prefix
             if B == 1 and T == 1:
                 mask = None  # one query that sees every cached key: no mask needed
