@@ -4,7 +4,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
 from kuaida.engine.generate import Engine
 from kuaida.engine.sampling import SamplingParams
@@ -98,7 +97,10 @@ def test_async_consumer(loaded):
     async def go():
         loop = asyncio.get_running_loop()
         streams = [sched.submit(p, SamplingParams(**GREEDY), loop=loop) for p in PROMPTS[:3]]
-        return [("".join([piece async for piece in s])) for s in streams]
+        texts = []
+        for s in streams:
+            texts.append("".join([piece async for piece in s]))
+        return texts
 
     got = asyncio.run(go())
     sched.stop()
