@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from kuaida import kernels
 from kuaida.compress.quantize import DTYPES, quantize
 from kuaida.dialogue.template import end_of_turn_ids, render_prompt
 from kuaida.engine.generate import Engine
@@ -59,6 +60,10 @@ def load_weights(model: str = "default", dtype: str = "int8", cache: str | Path 
                 "transformers, use dtype='fp32'"
             )
         quantize(loaded.model, dtype)
+        if dtype in ("int8", "int4"):
+            # Build (first run, ~35 s) or load the compiled kernels now, while the caller shows
+            # "loading", not inside the first request's time to first token.
+            kernels.available()
     log.info("loaded %s (%s, %s) in %.1f s", model, loaded.backend, dtype, time.perf_counter() - t0)
     return loaded
 
