@@ -27,6 +27,9 @@ class ModelArgs:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has a bias on q, k and v projections
     model_type: str = "llama"
+    # Output-vocabulary pruning (kuaida.compress.prune): the token ids the output layer still scores, in
+    # ascending order; None = every token. The input embedding keeps the whole vocabulary.
+    output_ids: tuple[int, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -39,6 +42,11 @@ class ModelArgs:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "intermediate_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise UnsupportedModelError(f"model config: {name} must be positive")
+        if self.output_ids is not None:
+            self.output_ids = tuple(int(i) for i in self.output_ids)
+            if not self.output_ids or list(self.output_ids) != sorted(set(self.output_ids)) \
+                    or self.output_ids[0] < 0 or self.output_ids[-1] >= self.vocab_size:
+                raise UnsupportedModelError("output_ids must be ascending, unique token ids below vocab_size")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "linear", "llama3"):
@@ -89,6 +97,11 @@ class ModelArgs:
         if name not in PRESETS:
             raise UnsupportedModelError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
         return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def output_size(self) -> int:
+        """Rows of the output layer: the kept vocabulary, or all of it."""
+        return len(self.output_ids) if self.output_ids is not None else self.vocab_size
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}

@@ -213,6 +213,10 @@ def native_args(config: dict[str, Any]) -> ModelArgs:
         args = ModelArgs.from_hf_config(config)
     except KeyError as e:
         raise ModelFormatError(f"config.json of a {config['model_type']} model lacks {e}") from e
+    output_ids = (config.get("kuaida") or {}).get("output_ids")
+    if output_ids is not None:  # a pruned output vocabulary (kuaida.compress.prune): see load_native
+        args.output_ids = tuple(output_ids)
+        args.__post_init__()
     window = config.get("sliding_window")
     uses_window = config.get("use_sliding_window", config["model_type"] == "mistral")
     if uses_window and window and window < args.max_seq_len:
@@ -224,13 +228,25 @@ def native_args(config: dict[str, Any]) -> ModelArgs:
 def load_native(hf_dir: Path, config: dict[str, Any]) -> tuple[Transformer, ModelArgs]:
     """Build on the meta device (no memory, no init), then adopt the checkpoint tensors as parameters."""
     args = native_args(config)
-    state_dict = hf_to_kuaida(read_safetensors(hf_dir), args)
+    tensors = read_safetensors(hf_dir)
+    if args.output_ids is not None:
+        # Saved as a full-vocabulary lm_head (zero rows where pruned) so transformers loads the directory
+        # too; our model keeps only the scored rows.
+        head = tensors.get("lm_head.weight")
+        if head is None or head.shape[0] != args.vocab_size:
+            raise ModelFormatError(f"{hf_dir}: config lists kuaida.output_ids but lm_head.weight is not "
+                                   f"[vocab_size={args.vocab_size}, dim]")
+        tensors["lm_head.weight"] = head[list(args.output_ids)].contiguous()
+        args.tie_embeddings = False
+    state_dict = hf_to_kuaida(tensors, args)
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state_dict, assign=True, strict=True)
     if args.tie_embeddings:  # assign=True made two Parameter objects: make them one again
         model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(args)  # non-persistent, so still on meta after the load
+    model.inv_freq = rope_inv_freq(args)  # non-persistent buffers are still on meta after the load
+    if args.output_ids is not None:
+        model.output_ids = torch.tensor(args.output_ids)
     return model.eval(), args
 
 

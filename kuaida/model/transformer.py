@@ -120,10 +120,13 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
+        self.lm_head = nn.Linear(args.dim, args.output_size, bias=False)
+        if args.tie_embeddings and args.output_ids is None:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        # A pruned output vocabulary scores only these ids; forward scatters them into the full vocabulary.
+        self.register_buffer("output_ids", None if args.output_ids is None else torch.tensor(args.output_ids),
+                             persistent=False)
 
     def new_cache(self, batch: int = 1, max_seq: int | None = None) -> KVCache:
         """A KV cache sized for this model: `batch` rows of up to `max_seq` tokens each."""
@@ -137,8 +140,12 @@ class Transformer(nn.Module):
         return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, D]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                rows: slice | torch.Tensor = slice(0, 1), last_only: bool = False) -> torch.Tensor:
+                rows: slice | torch.Tensor = slice(0, 1), last_only: bool = False,
+                full_vocab: bool = True) -> torch.Tensor:
         """tokens, positions: [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
+
+        With a pruned output vocabulary (args.output_ids), pruned tokens get -inf logits; full_vocab=False
+        returns the kept columns only, [B, T, len(output_ids)] (training, where -inf would poison losses).
 
         With a KVCache, each row b writes its new keys at positions[b] into cache row rows[b] and
         attends to everything up to that position; without one, plain causal attention over `tokens`.
@@ -172,4 +179,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache_fn)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x)).float()
+        if self.output_ids is None or not full_vocab:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.args.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.output_ids, logits)
