@@ -62,6 +62,28 @@ def fuse_projections(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def kuaida_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_kuaida for an fp32 (unquantized) state dict: split the fused projections,
+    add the `model.` prefix; a tied `lm_head.weight` is left out (HF re-ties it from the config)."""
+    q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    rows = {"self_attn.qkv_proj": (q_out, kv_out, kv_out),
+            "mlp.gate_up_proj": (args.intermediate_size, args.intermediate_size)}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == "lm_head.weight":
+            if not (args.tie_embeddings and args.output_ids is None):
+                out[key] = value
+            continue
+        fused = next((f for f in FUSED if key.endswith((f + ".weight", f + ".bias"))), None)
+        if fused is None:
+            out["model." + key] = value
+            continue
+        prefix, suffix = key[: key.index(fused)], key[key.index(fused) + len(fused):]
+        for part, piece in zip(FUSED[fused], value.split(rows[fused], dim=0)):
+            out["model." + prefix + part + suffix] = piece
+    return out
+
+
 def _expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
     # A model on the meta device costs no memory and is the single source of truth for names/shapes.
     with torch.device("meta"):

@@ -58,6 +58,8 @@ class LoadedModel:
     backend: str  # "native" | "transformers"
     source: str  # what the user pointed at, for humans: path and format
     path: Path  # the Hugging Face directory actually loaded (the cache entry for a GGUF)
+    # A directory saved from a quantized model (kuaida.model.save): {"dtype", "group_size", "head_dtype"}.
+    quantization: dict[str, Any] | None = None
 
 
 def cache_dir() -> Path:
@@ -177,7 +179,7 @@ def load_model(spec: str, *, cache: Path | None = None) -> LoadedModel:
     log.info("loaded %s with the %s backend (%s) in %.1f s", source, backend, reason,
              time.perf_counter() - t0)
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, backend=backend, source=source,
-                       path=hf_dir)
+                       path=hf_dir, quantization=(config.get("kuaida") or {}).get("quantization"))
 
 
 def read_config(hf_dir: Path) -> dict[str, Any]:
@@ -228,6 +230,11 @@ def native_args(config: dict[str, Any]) -> ModelArgs:
 def load_native(hf_dir: Path, config: dict[str, Any]) -> tuple[Transformer, ModelArgs]:
     """Build on the meta device (no memory, no init), then adopt the checkpoint tensors as parameters."""
     args = native_args(config)
+    quantization = (config.get("kuaida") or {}).get("quantization")
+    if quantization is not None:  # saved by kuaida.model.save from a quantized model: adopt its buffers
+        from kuaida.model.save import load_quantized  # local: kuaida.model does not import compress at load
+
+        return _finish_native(load_quantized(weight_files(hf_dir), args, quantization), args), args
     tensors = read_safetensors(hf_dir)
     if args.output_ids is not None:
         # Saved as a full-vocabulary lm_head (zero rows where pruned) so transformers loads the directory
@@ -244,10 +251,14 @@ def load_native(hf_dir: Path, config: dict[str, Any]) -> tuple[Transformer, Mode
     model.load_state_dict(state_dict, assign=True, strict=True)
     if args.tie_embeddings:  # assign=True made two Parameter objects: make them one again
         model.lm_head.weight = model.embed_tokens.weight
+    return _finish_native(model, args), args
+
+
+def _finish_native(model: Transformer, args: ModelArgs) -> Transformer:
     model.inv_freq = rope_inv_freq(args)  # non-persistent buffers are still on meta after the load
     if args.output_ids is not None:
         model.output_ids = torch.tensor(args.output_ids)
-    return model.eval(), args
+    return model.eval()
 
 
 def weight_files(hf_dir: Path) -> list[Path]:
