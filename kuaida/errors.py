@@ -33,3 +33,7 @@ class BusyError(KuaidaError):
 class SessionNotFoundError(KuaidaError):
     """No session with that id for this API key (the server answers 404 either way, so ids of other
     keys' sessions cannot be probed)."""
+
+
+class DataError(KuaidaError):
+    """Training data cannot be used (missing file, no valid conversation, nothing to learn)."""
