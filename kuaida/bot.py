@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kuaida import kernels
-from kuaida.compress.quantize import DTYPES, quantize
+from kuaida.compress.quantize import DTYPES, dequantize, quantize
 from kuaida.dialogue.template import end_of_turn_ids, render_prompt
 from kuaida.engine.generate import Engine
 from kuaida.engine.sampling import SamplingParams
@@ -48,18 +48,28 @@ class Bot:
 
 def load_weights(model: str = "default", dtype: str = "int8", cache: str | Path | None = None) -> LoadedModel:
     """Load a model ("default", a Hugging Face directory or a .gguf file) and convert its weights to
-    `dtype` (fp32, bf16, int8, int4) for kuaida's kernels."""
+    `dtype` (fp32, bf16, int8, int4) for kuaida's kernels.
+
+    A directory saved from a quantized model (`kuaida quantize`) runs as saved when `dtype` is its dtype;
+    another dtype dequantizes it and quantizes again, with a warning (no better than the saved format)."""
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
     loaded = load_model(model, cache=Path(cache) if cache else None)
+    saved = loaded.quantization["dtype"] if loaded.quantization else None
+    if saved is not None and saved != dtype:
+        log.warning("%s is saved quantized to %s; converting it to %s (dequantize, then quantize: never "
+                    "better than %s). Pass dtype %s to run it as saved.", model, saved, dtype, saved, saved)
+        dequantize(loaded.model)
+        saved = None
     if dtype != "fp32":
         if loaded.backend != "native":
             raise InvalidArgumentError(
                 f"dtype {dtype} needs a natively supported architecture; this model runs through "
                 "transformers, use dtype='fp32'"
             )
-        quantize(loaded.model, dtype)
+        if saved is None:
+            quantize(loaded.model, dtype)
         if dtype in ("int8", "int4"):
             # Build (first run, ~35 s) or load the compiled kernels now, while the caller shows
             # "loading", not inside the first request's time to first token.

@@ -3,6 +3,7 @@ directories load back bit-identical without quantizing again; writes are atomic 
 accident."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kuaida.compress.quantize import quantize
+from kuaida.compress.quantize import dequantize, quantize
 from kuaida.errors import InvalidArgumentError
 from kuaida.model import load_model
 from kuaida.model import save as save_mod
@@ -151,3 +152,39 @@ def test_failed_write_leaves_nothing(tiny_llama_dir, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_model(src.model, BrokenTokenizer(), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@torch.no_grad()
+def test_dequantize_gives_the_weights_the_format_holds(tiny_llama_dir):
+    from kuaida.kernels import reference
+
+    model = quantize(load_model(str(tiny_llama_dir)).model, "int4")
+    qkv = model.layers[0].self_attn.qkv_proj
+    expect = reference.dequantize_int4(qkv.qweight, qkv.scales, qkv.mins)
+    dequantize(model)
+    assert type(model.layers[0].self_attn.qkv_proj) is torch.nn.Linear
+    assert torch.equal(model.layers[0].self_attn.qkv_proj.weight, expect)
+    assert model.lm_head.weight is model.embed_tokens.weight  # tied again: the fp32 embedding
+
+
+def test_load_weights_runs_a_quantized_directory_as_saved(tiny_llama_dir, tmp_path, monkeypatch, caplog):
+    from kuaida import bot
+
+    src = load_model(str(tiny_llama_dir))
+    model = quantize(src.model, "int4")
+    with torch.no_grad():
+        expect = model(tokens())
+    out = save_model(model, src.tokenizer, tmp_path / "out")
+    real_quantize = bot.quantize
+    monkeypatch.setattr(bot, "quantize", lambda *a, **k: pytest.fail("quantized a pre-quantized model"))
+    same = bot.load_weights(str(out), "int4")
+    with torch.no_grad():
+        assert torch.equal(same.model(tokens()), expect)
+    monkeypatch.setattr(bot, "quantize", real_quantize)
+    with caplog.at_level("WARNING"):
+        other = bot.load_weights(str(out), "int8")
+    assert "saved quantized to int4" in caplog.text
+    assert type(other.model.layers[0].mlp.down_proj).__name__ == "Int8Linear"
+    requantized = real_quantize(dequantize(copy.deepcopy(model)), "int8")  # int8 of the int4 weights
+    with torch.no_grad():
+        assert torch.equal(other.model(tokens()), requantized(tokens()))

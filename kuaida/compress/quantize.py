@@ -146,3 +146,30 @@ def quantize(model: nn.Module, dtype: str, group_size: int = 32, head_dtype: str
     log.info("quantized %d of %d linear layers to %s, output layer %s (group %d)", done, len(targets), dtype,
              head_dtype, group_size)
     return model
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """The inverse swap (in place): every quantized module becomes an fp32 nn.Linear holding the weights
+    its format represents (exactly what the reference matmul computes with). A head that was tied to the
+    embedding before quantizing (args.tie_embeddings, no pruned vocabulary) is tied again: the embedding
+    was never quantized, so the head gets its original fp32 weights back."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _QuantLinear):
+            with torch.device("meta"):  # no init of weights about to be replaced
+                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight = nn.Parameter(_fp32_weight(module))
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.clone())
+            model.set_submodule(name, linear)
+    args = getattr(model, "args", None)
+    if args is not None and args.tie_embeddings and args.output_ids is None:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def _fp32_weight(module: _QuantLinear) -> torch.Tensor:
+    if isinstance(module, Int8Linear):
+        return reference.dequantize_int8(module.qweight, module.scales)
+    if isinstance(module, Int4Linear):
+        return reference.dequantize_int4(module.qweight, module.scales, module.mins)
+    return module.weight.float()
