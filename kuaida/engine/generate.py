@@ -56,8 +56,15 @@ class Engine:
     def start(self, seq: Sequence) -> torch.Tensor:
         """Prefill what the cache lacks of the prompt; -> the logits of its last token."""
         n_cached = common_prefix(self.cached_ids, seq.prompt_ids)
+        # A recurrent state (kuaida.model.rnn) sums up every token it has seen: it cannot be cut back to
+        # a shorter prefix, only extended (the next turn of a chat), or restarted at position 0.
+        extend_only = getattr(self.cache, "extend_only", False)
+        if extend_only and n_cached < len(self.cached_ids):
+            n_cached = 0
         seq.stats.cached_tokens = n_cached
-        self.cached_ids = self.cached_ids[:n_cached]  # stays true if the prefill fails midway
+        # Stays true if the prefill fails midway: a KV cache still holds the common prefix, a recurrent
+        # state holds nothing reusable.
+        self.cached_ids = [] if extend_only else self.cached_ids[:n_cached]
         logits = prefill(self.model, self.cache, seq.prompt_ids[n_cached:], n_cached)
         self.cached_ids = list(seq.prompt_ids)
         return logits

@@ -28,6 +28,8 @@ from kuaida.errors import ModelFormatError, ModelNotFoundError, UnsupportedModel
 from kuaida.model.args import SUPPORTED_MODEL_TYPES, ModelArgs
 from kuaida.model.convert import gguf_to_hf_dir, hf_to_kuaida
 from kuaida.model.hf_backend import context_length, load_hf_model
+from kuaida.model.rnn import MODEL_TYPE as GRU_MODEL_TYPE
+from kuaida.model.rnn import load_gru
 from kuaida.model.transformer import Transformer, rope_inv_freq
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,8 @@ def load_model(spec: str, *, cache: Path | None = None) -> LoadedModel:
     weight_files(hf_dir)  # fail on a directory without weights before any slow import
     if backend == "native":
         model, args = load_native(hf_dir, config)
+    elif backend == "gru":  # kuaida's recurrent student; its GRUArgs are model.args
+        model, args = load_gru(hf_dir, config), None
     else:
         model, args = load_hf_model(hf_dir), None
     tokenizer = load_tokenizer(hf_dir)
@@ -194,8 +198,10 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
 
 
 def choose_backend(config: dict[str, Any]) -> tuple[str, str]:
-    """-> ("native" | "transformers", why). Raises if neither can run the architecture."""
+    """-> ("native" | "gru" | "transformers", why). Raises if none can run the architecture."""
     model_type = config["model_type"]
+    if model_type == GRU_MODEL_TYPE:
+        return "gru", "kuaida's recurrent (GRU) student, from kuaida distill"
     if model_type in SUPPORTED_MODEL_TYPES:
         return "native", f"model_type {model_type!r} has a native kuaida module"
     from transformers import CONFIG_MAPPING
