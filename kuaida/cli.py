@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from kuaida.errors import KuaidaError
+from kuaida.knowledge.cli import kb_app
 
 app = typer.Typer(help="kuaida (快答): make generative dialogue models answer fast.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -117,6 +118,8 @@ def serve(
     run_server(server_app, on_ready=lambda url: typer.echo(
         f"kuaida serving {config.model_id} at {url} (web chat at /, API at /v1)"))
 
+
+app.add_typer(kb_app, name="kb", help=kb_app.info.help)
 
 bench_app = typer.Typer(help="Benchmarks against transformers and llama.cpp; results as JSON + Markdown.",
                         pretty_exceptions_enable=False, add_completion=False)

@@ -37,3 +37,11 @@ class SessionNotFoundError(KuaidaError):
 
 class DataError(KuaidaError):
     """Training data cannot be used (missing file, no valid conversation, nothing to learn)."""
+
+
+class KnowledgeBaseNotFoundError(KuaidaError):
+    """No knowledge base of that name (`kuaida kb list` shows the bases; `kuaida kb create` makes one)."""
+
+
+class IngestError(KuaidaError):
+    """A file cannot be added to a knowledge base (unsupported type, empty, binary, too big, broken)."""

@@ -3,6 +3,7 @@ KV cache, through the engine), identity cases change nothing, and what is droppe
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from kuaida.compress.calibrate import (
     WidthImportance,
     byte_token_ids,
+    calibration_batches,
     layer_distances,
     layer_importance,
     vocab_coverage,
@@ -19,6 +21,7 @@ from kuaida.compress.calibrate import (
 from kuaida.compress.prune import (
     PruneConfig,
     count_params,
+    prune,
     prune_2_4,
     prune_depth,
     prune_magnitude,
@@ -282,3 +285,53 @@ def test_prune_config_validates():
         with pytest.raises(InvalidArgumentError):
             PruneConfig(**bad)
     assert PruneConfig(n_kv_heads=1).width and not PruneConfig(n_layers=3).width
+
+
+# -- calibration data, the pipeline, saving ------------------------------------------------------------
+def test_calibration_batches_come_from_the_training_split(tiny_tokenizer):
+    from kuaida.train.data import DataConfig, encode_conversation, load_conversations, split_conversations
+
+    batches = calibration_batches(tiny_tokenizer, n_samples=5, seq_len=48, seed=3)
+    assert len(batches) == 5 and all(b.dtype == torch.long and b.shape[0] == 1 and 1 < b.shape[1] <= 48
+                                     for b in batches)
+    assert [b.tolist() for b in batches] == [b.tolist() for b in calibration_batches(tiny_tokenizer, 5, 48, 3)]
+    cfg = DataConfig()
+    _, held = split_conversations(load_conversations("chitchat"), cfg.heldout_fraction, cfg.seed)
+    held_ids = {tuple(encode_conversation(tiny_tokenizer, c, 48).input_ids) for c in held}
+    assert not held_ids & {tuple(b[0].tolist()) for b in batches}
+
+
+def write_jsonl(path, n: int = 6):
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Hello number {i}, how are you?"},
+                                      {"role": "assistant", "content": f"I am fine, thank you {i} times!"}]})
+             for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_prune_pipeline_report_and_save_round_trip(tiny_tokenizer, tmp_path):
+    from kuaida.model import load_model
+    from kuaida.model.save import save_model
+
+    model = tiny(n_layers=3, vocab_size=len(tiny_tokenizer))
+    before = copy.deepcopy(model.state_dict())
+    cfg = PruneConfig(n_layers=2, intermediate_size=64, n_kv_heads=1, vocab_from=str(write_jsonl(tmp_path / "c.jsonl")),
+                      sparsity=0.25, calib_samples=3, calib_seq_len=32)
+    small, report = prune(model, tiny_tokenizer, cfg)
+    a = small.args
+    assert (a.n_layers, a.intermediate_size, a.n_kv_heads, a.n_heads) == (2, 64, 1, 2)
+    assert [s["step"] for s in report["steps"]] == ["depth", "width", "vocab", "magnitude"]
+    depth = report["steps"][0]
+    assert len(depth["layer_importance"]) == 3 and len(depth["layers_dropped"]) == 1 and 0 in depth["layers_kept"]
+    vocab = report["steps"][2]
+    assert vocab["output_rows_before"] == 320 and vocab["output_rows_after"] == a.output_size < 320
+    assert 0 < vocab["heldout_coverage"] <= 1
+    assert report["before"]["params"] > report["after"]["params"] == count_params(small)["params"]
+    assert report["after"]["sparsity"] == pytest.approx(0.25, abs=0.01) and report["seconds"] > 0
+    for k, v in model.state_dict().items():  # the input model is left intact
+        assert torch.equal(v, before[k]), k
+    assert_runs(small)
+    save_model(small, tiny_tokenizer, tmp_path / "out", extra={"history": [{"step": "prune"}]})
+    loaded = load_model(str(tmp_path / "out"))
+    assert loaded.args.output_ids == a.output_ids and loaded.args.n_layers == 2
+    torch.testing.assert_close(loaded.model(X), small(X))

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 import random
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -174,11 +173,13 @@ def vocab_from_corpus(tokenizer, corpus: Iterable[str | Sequence[int]], min_coun
     negative ids such as -100 labels are skipped), plus `required_ids(tokenizer, byte_tokens)`."""
     if min_count < 1:
         raise InvalidArgumentError(f"min_count must be >= 1, got {min_count}")
-    counts: Counter[int] = Counter()
-    for item in corpus:
-        ids = tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else item
-        counts.update(int(i) for i in ids if int(i) >= 0)
-    seen = {i for i, c in counts.items() if c >= min_count}
+    items = list(corpus)
+    sequences = [item for item in items if not isinstance(item, str)]
+    if texts := [item for item in items if isinstance(item, str)]:
+        sequences += tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched (parallel) call
+    flat = torch.cat([torch.as_tensor(ids, dtype=torch.long).flatten() for ids in sequences] or [torch.zeros(0)])
+    counts = torch.bincount(flat[flat >= 0].long())  # [max id + 1]
+    seen = set((counts >= min_count).nonzero().flatten().tolist())
     keep = sorted(seen | required_ids(tokenizer, byte_tokens))
     log.info("vocabulary: %d tokens seen >= %d times, %d kept with the required ones", len(seen), min_count,
              len(keep))

@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 # Our int8/int4 kernels quantize along K in blocks of 32: down_proj's K is intermediate_size.
 WIDTH_MULTIPLE = 32
 _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
-# Vocabulary counting reads whole conversations (the default DataConfig cuts them at 256 tokens).
-VOCAB_MAX_LEN = 4096
 
 
 def _rebuild(args, state: dict[str, torch.Tensor]) -> Transformer:
@@ -327,13 +325,14 @@ def _depth(model: Transformer, calib: list[torch.Tensor], cfg: PruneConfig, prog
 
 
 def _vocab(model: Transformer, tokenizer, cfg: PruneConfig) -> tuple:
-    """Output vocabulary from the training split of cfg.vocab_from; coverage on its held-out assistant
-    tokens (what the model must be able to say)."""
-    from kuaida.train.data import DataConfig, heldout_examples, train_examples
+    """Output vocabulary from the whole conversations (both roles, through the chat template) of the
+    training split of cfg.vocab_from; coverage on its held-out assistant tokens (what the model must say)."""
+    from kuaida.train.data import DataConfig, heldout_examples, load_conversations, split_conversations
 
     data = DataConfig(source=cfg.vocab_from)
-    train = train_examples(tokenizer, replace(data, max_len=VOCAB_MAX_LEN))
-    keep = vocab_from_corpus(tokenizer, [e.input_ids for e in train], cfg.vocab_min_count, cfg.byte_tokens)
+    train, _ = split_conversations(load_conversations(data.source), data.heldout_fraction, data.seed)
+    texts = [tokenizer.apply_chat_template(conv, tokenize=False) for conv in train]
+    keep = vocab_from_corpus(tokenizer, texts, cfg.vocab_min_count, cfg.byte_tokens)
     coverage = vocab_coverage(keep, [e.labels for e in heldout_examples(tokenizer, data)])
     before = model.args.output_size
     return prune_vocab(model, keep), {"output_rows_before": before, "output_rows_after": len(keep),

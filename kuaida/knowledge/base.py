@@ -1,0 +1,159 @@
+"""KnowledgeBase: a named base on disk, and the functions that create, open, list and delete bases.
+
+    kb = create_kb("homehub")                        # <kb_root()>/homehub.sqlite
+    report = kb.add(["manual/", "faq.jsonl"], progress=True)
+    for p in kb.search("how do I reset the hub", k=5):   # hybrid: BM25 + vectors, fused by RRF
+        print(p.id, p.heading, p.score)
+
+Search cost (10,000 chunks): the query's embedding (~5-8 ms, MiniLM on CPU) dominates; FTS5 and the
+in-memory vector product take about a millisecond each. Passage ids ("setup.md#3": document name, 1-based
+chunk number) are stable until that document changes.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kuaida.errors import InvalidArgumentError, KnowledgeBaseNotFoundError
+from kuaida.knowledge.chunk import ChunkConfig
+from kuaida.knowledge.embed import Embedder, default_embedder
+from kuaida.knowledge.ingest import IngestReport, ingest
+from kuaida.knowledge.search import MODES, VectorIndex, fts_query, rrf
+from kuaida.knowledge.store import DocumentInfo, Store
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; the project supports 3.10
+    from typing_extensions import Self
+
+SUFFIX = ".sqlite"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CANDIDATES = 50  # each ranking's depth before fusion: deep enough that RRF sees both lists' agreement
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str  # "<document>#<chunk number>", e.g. "setup.md#3"
+    doc: str
+    heading: str  # heading path, e.g. "Setup > Wi-Fi" ("" when the text has none)
+    text: str
+    score: float  # hybrid: RRF score; keyword: -bm25; vector: cosine. Higher is better in every mode.
+
+
+def kb_root() -> Path:
+    """$KUAIDA_KB_DIR, else ~/.local/share/kuaida/kb."""
+    return Path(os.environ.get("KUAIDA_KB_DIR") or Path.home() / ".local" / "share" / "kuaida" / "kb")
+
+
+def _path(name: str, root: Path | None) -> Path:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgumentError(f"bad knowledge-base name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+                                   "starting with a letter or digit")
+    return Path(root or kb_root()) / f"{name}{SUFFIX}"
+
+
+class KnowledgeBase:
+    """Use `create_kb` / `open_kb`; close it (or use `with`) when done."""
+
+    def __init__(self, name: str, store: Store, embedder: Embedder | None = None) -> None:
+        self.name, self._store = name, store
+        self.embedder = embedder or default_embedder()
+        self.config = ChunkConfig(int(store.meta["chunk_tokens"]), int(store.meta["overlap"]))
+        self._vectors = VectorIndex(store)
+
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    def add(self, paths: list[str | Path] | str | Path, progress: bool = False) -> IngestReport:
+        """Ingest files and folders (recursively). Unchanged documents are skipped, changed ones replaced;
+        each document is one transaction. Per-file problems are in the report's `failed`."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        return ingest(self._store, self.embedder, self.config, paths, progress)
+
+    def remove(self, doc: str) -> int:
+        """Remove a document by its stored name; returns the number of chunks removed."""
+        removed = self._store.remove_document(doc)
+        if removed is None:
+            raise InvalidArgumentError(f"no document named {doc!r} in knowledge base {self.name!r}; "
+                                       f"`kuaida kb list {self.name}` shows its documents")
+        return removed
+
+    def documents(self) -> list[DocumentInfo]:
+        return self._store.documents()
+
+    def search(self, query: str, k: int = 5, mode: str = "hybrid") -> list[Passage]:
+        """The k passages that best answer `query`. mode: "hybrid" (reciprocal rank fusion of BM25 and
+        vector rankings), "keyword" (BM25 only) or "vector" (cosine only)."""
+        if mode not in MODES:
+            raise InvalidArgumentError(f"unknown search mode {mode!r}: choose one of {', '.join(MODES)}")
+        if not isinstance(k, int) or k < 1:
+            raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+        if not isinstance(query, str) or not query.strip():
+            return []
+        depth = max(CANDIDATES, k)
+        keyword = self._keyword(query, depth) if mode != "vector" else []
+        vector = self._vectors.top(self.embedder.embed([query])[0], depth) if mode != "keyword" else []
+        if mode == "hybrid":
+            ranked = rrf([[i for i, _ in keyword], [i for i, _ in vector]])[:k]
+        else:
+            ranked = (keyword or vector)[:k]
+        chunks = self._store.chunks([i for i, _ in ranked])
+        return [Passage(f"{c.doc}#{c.seq}", c.doc, c.heading, c.text, score)
+                for i, score in ranked if (c := chunks.get(i)) is not None]
+
+    def _keyword(self, query: str, depth: int) -> list[tuple[int, float]]:
+        fts = fts_query(query)
+        return self._store.keyword(fts, depth) if fts else []
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KnowledgeBase({self.name!r}, path={str(self.path)!r})"
+
+
+def create_kb(name: str, root: Path | str | None = None, config: ChunkConfig | None = None,
+              embedder: Embedder | None = None) -> KnowledgeBase:
+    """A new, empty base (InvalidArgumentError if the name is bad or taken). `config` fixes its chunking."""
+    path = _path(name, Path(root) if root else None)
+    if path.exists():
+        raise InvalidArgumentError(f"knowledge base {name!r} already exists ({path}); add documents to it with "
+                                   f"`kuaida kb add {name} PATH`, or pick another name")
+    config = config or ChunkConfig()
+    embedder = embedder or default_embedder()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": embedder.name, "dim": str(embedder.dim), "chunk_tokens": str(config.chunk_tokens),
+            "overlap": str(config.overlap)}
+    return KnowledgeBase(name, Store(path, create=True, meta=meta), embedder)
+
+
+def open_kb(name: str, root: Path | str | None = None, embedder: Embedder | None = None) -> KnowledgeBase:
+    """An existing base (KnowledgeBaseNotFoundError, naming it, if there is none)."""
+    path = _path(name, Path(root) if root else None)
+    if not path.is_file():
+        raise KnowledgeBaseNotFoundError(f"no knowledge base named {name!r} in {path.parent}; "
+                                         f"create it with `kuaida kb create {name}`")
+    return KnowledgeBase(name, Store(path), embedder)
+
+
+def list_kbs(root: Path | str | None = None) -> list[str]:
+    """Names of the bases under `root` (default kb_root()), sorted."""
+    folder = Path(root or kb_root())
+    return sorted(p.name[:-len(SUFFIX)] for p in folder.glob(f"*{SUFFIX}") if _NAME.fullmatch(p.name[:-len(SUFFIX)]))
+
+
+def delete_kb(name: str, root: Path | str | None = None) -> None:
+    """Delete a base's file (and its WAL side files). KnowledgeBaseNotFoundError if there is none."""
+    path = _path(name, Path(root) if root else None)
+    if not path.is_file():
+        raise KnowledgeBaseNotFoundError(f"no knowledge base named {name!r} in {path.parent}")
+    for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        side.unlink(missing_ok=True)
