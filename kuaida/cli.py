@@ -216,5 +216,86 @@ def load(
         plot_load(report, png_path)
 
 
+
+@app.command()
+@user_errors
+def finetune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., help="Where to save the fine-tuned model (a Hugging Face directory)."),
+    data: str = typer.Option("chitchat", help="'chitchat' or a JSONL file of {\"messages\": [...]} (OpenAI format)."),
+    method: str = typer.Option("full", help="full (every weight) or lora (low-rank adapters, merged at the end)."),
+    budget: Optional[str] = typer.Option(None, help="Training time, e.g. 90s, 10m, 1h (default 10m unless --steps)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of, or as well as, --budget)."),
+    batch_size: int = typer.Option(8, help="Sequences per optimizer step, over all processes."),
+    micro_batch: int = typer.Option(0, help="Sequences per forward pass and process (0: no accumulation)."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (warmup, then cosine to a tenth)."),
+    max_len: int = typer.Option(256, help="Tokens per conversation (whole early turns kept)."),
+    lora_rank: int = typer.Option(8, help="LoRA rank (with --method lora)."),
+    parallel: str = typer.Option("auto", help="auto, none, ddp, fsdp or hsdp (under torchrun; auto: ddp)."),
+    resume: bool = typer.Option(True, help="Continue from OUT_DIR.checkpoints when a run was interrupted."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Fine-tune on conversations; prints held-out perplexity before and after. Multi-GPU:
+    `torchrun --nproc_per_node 8 -m kuaida.cli finetune ...`."""
+    from kuaida.train.data import DataConfig
+    from kuaida.train.distributed import is_main
+    from kuaida.train.finetune import FinetuneConfig, finetune_and_save
+    from kuaida.train.loop import TrainConfig, parse_duration
+
+    budget_s = parse_duration(budget) if budget else (None if steps else 600.0)
+    cfg = FinetuneConfig(method=method, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank,
+                         data=DataConfig(source=data, max_len=max_len),
+                         train=TrainConfig(lr=lr, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
+                                           budget_s=budget_s, resume=resume, parallel=parallel))
+    report = finetune_and_save(model, out_dir, cfg, overwrite=overwrite)
+    if is_main():
+        before, after = report["perplexity_before"], report["perplexity_after"]
+        typer.echo(f"held-out perplexity: {before['perplexity']:.3f} before, {after['perplexity']:.3f} after "
+                   f"({report['steps']} steps, {report['seconds']:.0f} s, {report['tokens_per_s']:.0f} tok/s)")
+        typer.echo(f"saved to {report['out_dir']}")
+
+
+@app.command("prune")
+@user_errors
+def prune_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., help="Where to write the pruned model (a Hugging Face directory)."),
+    layers: Optional[int] = typer.Option(None, help="Blocks to keep (depth pruning; block 0 always stays)."),
+    depth_method: str = typer.Option("block", help="block: drop the blocks that change their input least; "
+                                     "window: the contiguous window that does (Gromov et al. 2024)."),
+    intermediate_size: Optional[int] = typer.Option(None, help="MLP channels to keep per layer (multiple of 32)."),
+    kv_heads: Optional[int] = typer.Option(None, help="KV groups (a KV head with its query heads) to keep per layer."),
+    heads: Optional[int] = typer.Option(None, help="Query heads to keep per layer (default: kv-heads x group size)."),
+    vocab_from: Optional[str] = typer.Option(None, help="Keep the output tokens that 'chitchat' or a JSONL of "
+                                             "{\"messages\": [...]} uses (training split; + special and byte tokens)."),
+    vocab_min_count: int = typer.Option(1, help="Occurrences a token needs to stay in the output vocabulary."),
+    sparsity: float = typer.Option(0.0, help="Unstructured magnitude sparsity: zeros only, no CPU speed-up."),
+    two_four: bool = typer.Option(False, "--two-four", help="2:4 sparsity: zeros only, no CPU speed-up."),
+    calib_samples: int = typer.Option(64, help="Calibration conversations for depth and width importance."),
+    seed: int = typer.Option(0, help="Picks the calibration conversations."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Structured pruning: fewer blocks, narrower MLPs, fewer heads, a smaller output vocabulary; writes a
+    Hugging Face directory (heal it with `kuaida distill` or `kuaida finetune`)."""
+    from kuaida.compress.prune import PruneConfig, prune, report_table
+    from kuaida.errors import UnsupportedModelError
+    from kuaida.model import load_model
+    from kuaida.model.save import save_model
+
+    cfg = PruneConfig(n_layers=layers, depth_method=depth_method, intermediate_size=intermediate_size,
+                      n_kv_heads=kv_heads, n_heads=heads, vocab_from=vocab_from, vocab_min_count=vocab_min_count,
+                      sparsity=sparsity, two_four=two_four, calib_samples=calib_samples, seed=seed)
+    with err.status(f"loading {model} ..."):
+        loaded = load_model(model)
+    if loaded.backend != "native":
+        raise UnsupportedModelError(f"{model} runs through transformers: kuaida prunes only its native "
+                                    "architectures (llama, qwen2, mistral)")
+    pruned, report = prune(loaded.model, loaded.tokenizer, cfg, progress=True)
+    save_model(pruned, loaded.tokenizer, out_dir, overwrite=overwrite,
+               extra={"history": [{"step": "prune", "source": model, **report}]})
+    Console().print(report_table(report))
+    typer.echo(f"saved to {out_dir}")
+
+
 if __name__ == "__main__":
     app()
