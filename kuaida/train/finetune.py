@@ -101,7 +101,7 @@ def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, *, progress:
         "method": cfg.method, "trainable_parameters": n_trainable, "processes": info.world,
         "steps": result.steps, "seconds": result.seconds, "tokens": result.tokens,
         "tokens_per_s": result.tokens_per_s, "reply_tokens": result.loss_tokens,
-        "first_loss": result.losses[0] if result.losses else None, "final_loss": result.final_loss,
+        "losses": result.losses, "final_loss": result.final_loss,
         "stopped_by": result.stopped_by, "resumed_from": result.resumed_from,
         "train_conversations": len(train_set), "heldout_conversations": len(held),
         "perplexity_before": before, "perplexity_after": after,
