@@ -189,3 +189,29 @@ def test_quantize_handles_constant_and_zero_groups():
     w[1] = 0.25
     torch.testing.assert_close(ref.dequantize_int8(*ref.quantize_int8(w, 32)), w, rtol=0, atol=2e-3)
     assert torch.equal(ref.dequantize_int4(*ref.quantize_int4(w, 32)), w)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, dim, cache_dtype):
+    """Ragged rows (lengths 1 .. 300, scattered cache rows, one row twice) against one SDPA per row
+    (over the same fp16 values upcast, for an fp16 cache)."""
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(6, kv_heads, 320, dim, generator=g).to(cache_dtype)
+    v = torch.randn(6, kv_heads, 320, dim, generator=g).to(cache_dtype)
+    rows = torch.tensor([5, 0, 3, 3, 1])
+    lens = torch.tensor([300, 1, 7, 129, 64])
+    q = torch.randn(5, heads, dim, generator=g) * 3  # sharp softmax: exercises the exp range
+    out = kernels._load("attention").decode_attention(q, k, v, rows, lens, dim ** -0.5)
+    want = ref.decode_attention(q, k, v, rows, lens)
+    assert out.shape == (5, heads, dim)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernels
+def test_decode_attention_rejects_out_of_range_rows():
+    k = v = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="out of the cache's range"):
+        kernels._load("attention").decode_attention(torch.zeros(1, 2, 8), k, v, torch.tensor([2]),
+                                                    torch.tensor([1]), 1.0)

@@ -154,3 +154,20 @@ def test_bf16_linear_paths(rows, bf16_fast, monkeypatch):
     expect = torch.nn.functional.linear(x, w, linear.bias)
     bound = 2**-8 * 1.01 * torch.nn.functional.linear(x.abs(), w.abs()) + 1e-5
     assert ((layer(x) - expect).abs() <= bound).all()
+
+
+def test_quantized_model_caches_fp16_and_decodes_like_fp32_cache():
+    """quantize() makes new caches fp16; decoding through one stays within fp16 rounding of an fp32 cache."""
+    torch.manual_seed(0)
+    model = quantize(Transformer(ModelArgs.preset("tiny")).eval(), "int8")
+    cache16, cache32 = model.new_cache(batch=2, max_seq=64), model.new_cache(batch=2, max_seq=64,
+                                                                             dtype=torch.float32)
+    assert cache16.k[0].dtype == torch.float16 and cache32.k[0].dtype == torch.float32
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.inference_mode():
+        for cache in (cache16, cache32):
+            model(ids, torch.arange(20)[None], cache, rows=slice(1, 2))
+        step = [model(torch.tensor([[7]]), torch.tensor([[20]]), c, rows=torch.tensor([1]))
+                for c in (cache16, cache32)]
+    torch.testing.assert_close(step[0], step[1], atol=2e-2, rtol=1e-2)
+    assert step[0].argmax() == step[1].argmax()

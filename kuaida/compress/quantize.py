@@ -145,6 +145,10 @@ def quantize(model: nn.Module, dtype: str, group_size: int = 32, head_dtype: str
             done += 1
     log.info("quantized %d of %d linear layers to %s, output layer %s (group %d)", done, len(targets), dtype,
              head_dtype, group_size)
+    if dtype != "fp32":
+        # KV caches of a quantized model store fp16 (Transformer.new_cache): half the bytes every decode step
+        # streams, an error far below the weights' own.
+        model.kv_dtype = torch.float16
     return model
 
 

@@ -103,7 +103,8 @@ class Scheduler:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
         self.enable_prefix_cache = enable_prefix_cache  # off: every prompt is prefilled whole (baselines)
         self.max_context = min(max_context or model.args.max_seq_len, model.args.max_seq_len)
-        n_slots = max(1, cache_budget_mb * 2**20 // self.slot_bytes(model, self.max_context))
+        row_bytes = model.new_cache(batch=1, max_seq=self.max_context).nbytes()  # the model picks the dtype
+        n_slots = max(1, cache_budget_mb * 2**20 // max(1, row_bytes))
         self.max_batch = min(max_batch, n_slots)
         self.cache = model.new_cache(batch=n_slots, max_seq=self.max_context)
         self.slots = [Slot(row=i) for i in range(n_slots)]
@@ -117,11 +118,6 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="kuaida-scheduler", daemon=True)
         log.info("scheduler: %d cache slots of %d tokens, batch up to %d", n_slots, self.max_context,
                  self.max_batch)
-
-    @staticmethod
-    def slot_bytes(model: torch.nn.Module, max_context: int) -> int:
-        a = model.args
-        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_context * 4  # k and v, fp32
 
     # -- the caller's side -----------------------------------------------------------------------
     def start(self) -> "Scheduler":

@@ -23,7 +23,7 @@ from kuaida.kernels import reference
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("qgemm.cpp")
+_SOURCES = {name: Path(__file__).with_name(f"{name}.cpp") for name in ("qgemm", "attention")}
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 # Rows from which dequantize + GEMM beats the integer kernel (crossovers measured over the model's layers,
@@ -44,26 +44,27 @@ def _cpu_supported() -> bool:
 
 
 @functools.cache
-def _load() -> ModuleType | None:
-    """The compiled extension, built into <cache>/ext the first time; None when it cannot be used."""
+def _load(name: str = "qgemm") -> ModuleType | None:
+    """The compiled extension `name` (qgemm: quantized matmuls, attention: decode attention), built into
+    <cache>/ext/<name> the first time; None when it cannot be used."""
     if os.environ.get("KUAIDA_NO_KERNELS") == "1":
-        log.info("KUAIDA_NO_KERNELS=1: using the PyTorch fallback for quantized matmuls")
+        log.info("KUAIDA_NO_KERNELS=1: using the PyTorch fallback for %s", name)
         return None
     if not _cpu_supported():
-        log.warning("CPU lacks AVX2/FMA: quantized matmuls use the slow PyTorch fallback")
+        log.warning("CPU lacks AVX2/FMA: %s uses the slow PyTorch fallback", name)
         return None
     from torch.utils import cpp_extension
 
-    build_dir = cache_dir() / "ext" / "qgemm"
+    build_dir = cache_dir() / "ext" / name
     if not any(build_dir.glob("*.so")):
         # WARNING, not INFO: the CLI shows warnings by default, and a silent minute looks like a hang.
-        log.warning("building kuaida kernels, ~1 min, once (into %s)", build_dir)
+        log.warning("building kuaida kernels (%s), ~1 min, once (into %s)", name, build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name="kuaida_qgemm", sources=[str(_SOURCE)], build_directory=str(build_dir),
-                                  extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+        return cpp_extension.load(name=f"kuaida_{name}", sources=[str(_SOURCES[name])], extra_cflags=_FLAGS,
+                                  build_directory=str(build_dir), extra_ldflags=["-fopenmp"])
     except Exception as e:  # any build/load failure (no compiler, no ninja, bad toolchain): degrade, not die
-        log.warning("could not build kuaida kernels (%s); quantized matmuls use the slow PyTorch fallback",
+        log.warning("could not build kuaida kernels (%s: %s); using the slow PyTorch fallback", name,
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
 
@@ -77,7 +78,7 @@ def bf16_gemm_is_fast() -> bool:
 
 def available() -> bool:
     """True when the compiled kernels are in use (builds them on the first call)."""
-    return _load() is not None
+    return _load() is not None and _load("attention") is not None
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -137,3 +138,15 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tens
     if (gemm := _gemm_dtype(x, "int4", q.shape[0])) is not None:
         return _gemm(x, ext.int4_dequantize(q, d, m, weight_buffer(q.shape[0], q.shape[1] * 2, gemm)), bias)
     return ext.int4_linear(_fp32(x), q, d, m, bias)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                     lens: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence over its own cached prefix (GQA), the whole batch in one call.
+
+    q [B, H, D] fp32; k, v: the cache's [R, Hkv, S, D], fp32 or fp16; rows, lens int64 [B] (cache row, keys to attend to)
+    -> [B, H, D]. Rows may differ in length: no padding, no copy of any history."""
+    ext = _load("attention")
+    if ext is not None and k.dtype in (torch.float32, torch.float16):
+        return ext.decode_attention(_fp32(q), k, v, rows, lens, q.shape[-1] ** -0.5)
+    return reference.decode_attention(q, k, v, rows, lens)

@@ -86,3 +86,12 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, bias: torch.T
 def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x, dequantize_int4(q, d, m), bias)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                     lens: torch.Tensor) -> torch.Tensor:
+    """What kernels/attention.cpp computes, one SDPA per sequence: q [B, H, D] -> [B, H, D]."""
+    out = [F.scaled_dot_product_attention(q[b:b + 1, :, None], k[r:r + 1, :, :n].to(q.dtype),
+                                          v[r:r + 1, :, :n].to(q.dtype), enable_gqa=True)[:, :, 0]
+           for b, (r, n) in enumerate(zip(rows.tolist(), lens.tolist()))]
+    return torch.cat(out)

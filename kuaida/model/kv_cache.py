@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from kuaida import kernels
+
 
 class KVCache:
     """k[layer], v[layer]: [B, n_kv_heads, max_seq, head_dim], allocated once.
+
+    fp16 storage halves the bytes a decode step streams (attention reads every cached key and value) and
+    the memory a conversation holds; prefill reads its prefix back in the activations' dtype.
 
     Rows are independent sequences; a forward writes each new token's key/value at its position and
     reads back the prefix up to the longest position in the batch (a mask hides the rest per row).
@@ -36,23 +41,23 @@ class KVCache:
             t = positions.shape[1]
             kc[rows, :, start:start + t] = k
             vc[rows, :, start:start + t] = v
-            return kc[rows, :, :span], vc[rows, :, :span]
+            return kc[rows, :, :span].to(k.dtype), vc[rows, :, :span].to(v.dtype)
         row_idx = torch.arange(kc.shape[0])[rows] if isinstance(rows, slice) else rows
         # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
-        kc[row_idx[:, None], :, positions] = k.transpose(1, 2)
-        vc[row_idx[:, None], :, positions] = v.transpose(1, 2)
-        return kc[row_idx, :, :span], vc[row_idx, :, :span]
+        kc[row_idx[:, None], :, positions] = k.transpose(1, 2).to(kc.dtype)
+        vc[row_idx[:, None], :, positions] = v.transpose(1, 2).to(vc.dtype)
+        return kc[row_idx, :, :span].to(k.dtype), vc[row_idx, :, :span].to(v.dtype)
 
-    def update_ragged(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, spans: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Decode step of B sequences each at its own position: write k, v ([B, H, 1, D]) at
-        `positions` ([B]) of cache `rows` ([B]); return, per row, views of its own prefix
-        ([1, H, length, D], no copy) — gathering the rows into one padded batch would copy every
-        row's whole history at every layer and step."""
+    def decode(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
+               k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Decode step of B sequences, each at its own position: write k, v ([B, Hkv, 1, D]) at
+        `positions` ([B]) of cache `rows` ([B]), then attend q ([B, H, 1, D]) over each row's own prefix
+        -> [B, H, 1, D]. One kernel call for the batch, reading each history in place (gathering the rows
+        into a padded batch would copy every history at every layer and step)."""
         kc, vc = self.k[layer], self.v[layer]
-        kc[rows, :, positions] = k[:, :, 0]
-        vc[rows, :, positions] = v[:, :, 0]
-        return [(kc[r:r + 1, :, :n], vc[r:r + 1, :, :n]) for r, n in spans]
+        kc[rows, :, positions] = k[:, :, 0].to(kc.dtype)
+        vc[rows, :, positions] = v[:, :, 0].to(vc.dtype)
+        return kernels.decode_attention(q[:, :, 0], kc, vc, rows, positions + 1)[:, :, None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

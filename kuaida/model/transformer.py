@@ -5,14 +5,15 @@ for others (kuaida.compress.quantize), the engine drives it through `forward`.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kuaida.model.kv_cache import KVCache
 from kuaida.model.args import ModelArgs
+from kuaida.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -65,8 +66,9 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(args.dim, q_out + 2 * kv_out, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_out, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache_fn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """attend(q [B, H, T, D], k, v [B, Hkv, T, D]) -> [B, H, T, D]: attention over these tokens and
+        whatever the KV cache holds for them (see Transformer.forward)."""
         B, T, _ = x.shape  # batch, new tokens, model width
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -74,15 +76,15 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin  # cos, sin: [B, 1, T, D]
         k = k * cos + rotate_half(k) * sin
-        gqa = self.n_heads != self.n_kv_heads
-        kv = cache_fn(k, v) if cache_fn is not None else (k, v)
-        if isinstance(kv, list):  # ragged batched decode: each row attends to its own prefix
-            y = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], kb, vb, enable_gqa=gqa)
-                           for b, (kb, vb) in enumerate(kv)])
-        else:  # k, v: [B, Hkv, S, D], the cached prefix plus these tokens
-            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask,
-                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
+        y = attend(q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal (no mask, T > 1) or masked attention, GQA when k/v have fewer heads than q."""
+    T = q.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class FeedForward(nn.Module):
@@ -105,8 +107,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, cache_fn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_fn)
+    def forward(self, x, cos, sin, attend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -128,11 +130,29 @@ class Transformer(nn.Module):
         self.register_buffer("output_ids", None if args.output_ids is None else torch.tensor(args.output_ids),
                              persistent=False)
 
-    def new_cache(self, batch: int = 1, max_seq: int | None = None) -> KVCache:
-        """A KV cache sized for this model: `batch` rows of up to `max_seq` tokens each."""
+    def new_cache(self, batch: int = 1, max_seq: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache sized for this model: `batch` rows of up to `max_seq` tokens each, stored as `dtype`
+        (default: `self.kv_dtype`, which a compression transform may set, else the embedding's dtype)."""
         a = self.args
-        return KVCache(a.n_layers, batch, a.n_kv_heads, min(max_seq or a.max_seq_len, a.max_seq_len), a.head_dim,
-                       dtype=self.embed_tokens.weight.dtype)
+        dtype = dtype or getattr(self, "kv_dtype", None) or self.embed_tokens.weight.dtype
+        return KVCache(a.n_layers, batch, a.n_kv_heads, min(max_seq or a.max_seq_len, a.max_seq_len),
+                       a.head_dim, dtype=dtype)
+
+    def _attention(self, cache, positions: torch.Tensor, rows: slice | torch.Tensor):
+        """attend(layer, q, k, v) for this forward: how every layer's new tokens meet the KV cache."""
+        if cache is None:
+            return lambda layer, q, k, v: sdpa(q, k, v)
+        B, T = positions.shape
+        if T == 1:  # decode: each row attends to its own cached prefix, whatever its length
+            row_ids = torch.arange(cache.batch)[rows] if isinstance(rows, slice) else rows
+            return lambda layer, q, k, v: cache.decode(layer, row_ids, positions[:, 0], q, k, v)
+        # Prefill: write the new keys/values, then attend over the prefix up to the longest row's position.
+        if B == 1 and not isinstance(rows, slice):
+            rows = slice(int(rows[0]), int(rows[0]) + 1)  # one row: the cache's view-only fast path
+        span = int(positions.max()) + 1
+        mask = torch.arange(span)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+        return lambda layer, q, k, v: sdpa(q, *cache.update(layer, positions, k, v, rows, span), mask)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
@@ -154,29 +174,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T).expand(B, T)
         cos, sin = self.rope(positions)
-        mask, cache_fns = None, [None] * len(self.layers)
-        if B == 1 and not isinstance(rows, slice):
-            rows = slice(int(rows[0]), int(rows[0]) + 1)  # one row: the cache's view-only fast path
-        if cache is not None and B > 1 and T == 1 and not isinstance(rows, slice):
-            # Batched decode of independent conversations (the server): no padding, no mask.
-            spans = list(zip(rows.tolist(), (positions[:, 0] + 1).tolist()))  # (cache row, keys to see)
-            cache_fns = [
-                (lambda k, v, i=i: cache.update_ragged(i, rows, positions[:, 0], k, v, spans))
-                for i in range(len(self.layers))
-            ]
-        elif cache is not None:
-            span = int(positions.max()) + 1  # keys to attend to: the longest row's prefix
-            if B == 1 and T == 1:
-                mask = None  # one query that sees every cached key: no mask needed
-            else:
-                key_pos = torch.arange(span)
-                mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
-            cache_fns = [
-                (lambda k, v, i=i: cache.update(i, positions, k, v, rows, span)) for i in range(len(self.layers))
-            ]
+        attend = self._attention(cache, positions, rows)
         x = self.embed_tokens(tokens)  # [B, T, dim]
-        for layer, cache_fn in zip(self.layers, cache_fns):
-            x = layer(x, cos, sin, mask, cache_fn)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, functools.partial(attend, i))
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x)).float()
