@@ -287,11 +287,12 @@ def _real_tokens(batch) -> int:
 
 
 def _progress(show: bool, cfg: TrainConfig):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     done = MofNCompleteColumn() if cfg.steps else TextColumn("{task.completed:.0f}/{task.total:.0f} s")
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), done,
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-                    TimeRemainingColumn(), disable=not show)
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
@@ -311,8 +312,9 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def _write_checkpoint(root: Path, model_state: dict, optim_state: dict, state: _State) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
+    for stale in root.glob(".step-*.tmp-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_unshared(model_state), tmp / "model.safetensors")
     torch.save({"optimizer": optim_state, "step": state.step, "data_position": state.step,
