@@ -46,17 +46,19 @@ class Bot:
         return "".join(self.stream(messages, **sampling))
 
 
-def load_weights(model: str = "default", dtype: str = "int8", cache: str | Path | None = None) -> LoadedModel:
+def load_weights(model: str = "default", dtype: str | None = "int8",
+                 cache: str | Path | None = None) -> LoadedModel:
     """Load a model ("default", a Hugging Face directory or a .gguf file) and convert its weights to
-    `dtype` (fp32, bf16, int8, int4) for kuaida's kernels.
+    `dtype` (fp32, bf16, int8, int4) for kuaida's kernels; None: as stored (fp32 unless quantized).
 
     A directory saved from a quantized model (`kuaida quantize`) runs as saved when `dtype` is its dtype;
     another dtype dequantizes it and quantizes again, with a warning (no better than the saved format)."""
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
     loaded = load_model(model, cache=Path(cache) if cache else None)
     saved = loaded.quantization["dtype"] if loaded.quantization else None
+    dtype = dtype or saved or "fp32"
     if saved is not None and saved != dtype:
         log.warning("%s is saved quantized to %s; converting it to %s (dequantize, then quantize: never "
                     "better than %s). Pass dtype %s to run it as saved.", model, saved, dtype, saved, saved)

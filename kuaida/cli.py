@@ -297,5 +297,94 @@ def prune_cmd(
     typer.echo(f"saved to {out_dir}")
 
 
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., help="Where to write the quantized model (a directory kuaida loads)."),
+    dtype: str = typer.Option("int8", help="int8, int4 (output layer int8) or bf16."),
+    group_size: int = typer.Option(32, help="Weights per scale (a multiple of 32)."),
+    eval_samples: int = typer.Option(200, help="Held-out chitchat conversations scored before and after "
+                                     "(0: skip the perplexity)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Quantize with kuaida's kernels' formats and save; prints size on disk and held-out perplexity
+    before and after. The directory loads with `kuaida chat/serve OUT_DIR --dtype DTYPE` (no second
+    quantization); `kuaida export` turns it into a transformers directory or a GGUF."""
+    from kuaida.bench.report import write_json
+    from kuaida.export import quantize_to_dir
+
+    report = quantize_to_dir(model, out_dir, dtype, group_size=group_size, eval_samples=eval_samples,
+                             overwrite=overwrite)
+    size = report["bytes"]
+    typer.echo(f"size on disk: source {size['source'] / 1e6:.1f} MB, fp32 {size['fp32'] / 1e6:.1f} MB, "
+               f"{dtype} {size['out'] / 1e6:.1f} MB")
+    if report["eval"]:
+        ev = report["eval"]
+        typer.echo(f"held-out perplexity ({ev['examples']} conversations): {ev['before']['perplexity']:.3f} fp32, "
+                   f"{ev['after']['perplexity']:.3f} {dtype} (x{ev['ratio']:.3f})")
+    typer.echo(f"saved to {report['out']}")
+    if json_path:
+        write_json(report, json_path)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Argument(..., help="The directory (--hf) or .gguf file (--gguf) to write."),
+    hf: bool = typer.Option(False, "--hf", help="A transformers-loadable directory (fp32; the default)."),
+    gguf: bool = typer.Option(False, "--gguf", help="A GGUF file llama.cpp loads."),
+    dtype: str = typer.Option("f32", help="GGUF matrices: f32, f16 or q8_0 (an int8 model is q8_0 losslessly)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing OUT."),
+):
+    """Write a model (quantized ones dequantized) for other runtimes: transformers or llama.cpp."""
+    from kuaida.errors import InvalidArgumentError
+    from kuaida.export import export
+
+    if hf and gguf:
+        raise InvalidArgumentError("choose one of --hf and --gguf")
+    path = export(model, out, "gguf" if gguf else "hf", dtype=dtype, overwrite=overwrite)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: str = typer.Argument("default", help=MODEL_HELP),
+    teacher: Optional[str] = typer.Option(None, help="Compare with this model: its perplexity, top-1 agreement, "
+                                          "KL(teacher||model), greedy reply agreement."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: as stored."),
+    samples: int = typer.Option(200, help="Held-out conversations scored (fixed seeded split)."),
+    data: str = typer.Option("chitchat", help="'chitchat' or a JSONL of {\"messages\": [...]}."),
+    prompts: int = typer.Option(16, help="Held-out prompts for greedy reply agreement (with --teacher)."),
+    reply_tokens: int = typer.Option(32, help="Greedy reply tokens compared per prompt."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+):
+    """Held-out perplexity on the assistant's tokens; with --teacher, agreement with it."""
+    from kuaida.bench.quality import EvalConfig, evaluate
+    from kuaida.bench.report import write_json
+    from kuaida.bot import load_weights
+    from kuaida.train.data import DataConfig
+
+    cfg = EvalConfig(samples=samples, prompts=prompts, reply_tokens=reply_tokens, data=DataConfig(source=data))
+    with err.status(f"loading {model} ..."):
+        student = load_weights(model, dtype)
+        reference = load_weights(teacher, None) if teacher else None
+    report = evaluate(student, reference, cfg)
+    ppl = report["perplexity"]
+    typer.echo(f"perplexity {ppl['perplexity']:.3f} on {ppl['tokens']} reply tokens of {report['examples']} "
+               f"held-out conversations (coverage {ppl['coverage']:.1%})")
+    if teacher:
+        agree, greedy = report["agreement"], report["greedy"]
+        typer.echo(f"teacher perplexity {report['teacher']['perplexity']['perplexity']:.3f} "
+                   f"(ratio {report['perplexity_ratio']:.3f}); top-1 agreement {agree['top1']:.1%}, "
+                   f"KL {agree['kl']:.4f} nats/token; greedy: {greedy['prefix']:.1%} of the first "
+                   f"{greedy['n_tokens']} tokens shared, {greedy['exact']:.1%} identical")
+    if json_path:
+        write_json(report, json_path)
+
+
 if __name__ == "__main__":
     app()

@@ -51,9 +51,9 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, extra: 
     if not isinstance(model, Transformer) or not isinstance(args, ModelArgs):
         raise UnsupportedModelError(f"save_model saves kuaida Transformers, got {type(model).__name__}")
     out = Path(out_dir).expanduser()
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     quantization = quantization_of(model)
-    tensors = _quantized_tensors(model) if quantization else _hf_tensors(model, args)
+    tensors = _quantized_tensors(model) if quantization else hf_tensors(model, args)
     ours = dict(extra or {})
     if args.output_ids is not None:
         ours["output_ids"] = list(args.output_ids)
@@ -113,7 +113,8 @@ def _generation_config(config):
     return GenerationConfig.from_model_config(config)
 
 
-def _hf_tensors(model: Transformer, args: ModelArgs) -> dict[str, torch.Tensor]:
+def hf_tensors(model: Transformer, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """An fp32 model's tensors under HF names (what model.safetensors holds)."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if args.output_ids is not None:
         # Full-vocabulary head, zero rows where pruned: transformers loads it; our loader keeps the rows.
@@ -190,7 +191,9 @@ def load_quantized(files: list[Path], args: ModelArgs, quantization: dict[str, A
 
 
 # -- writing the directory --------------------------------------------------------------------------
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool) -> None:
+    """Refuse a path that is a file, or a non-empty directory unless overwrite (callers check early,
+    before minutes of work)."""
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"{out} exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
