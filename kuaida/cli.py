@@ -386,5 +386,47 @@ def eval_cmd(
         write_json(report, json_path)
 
 
+@app.command("prune")
+@user_errors
+def prune_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., help="Where to write the pruned model (a Hugging Face directory)."),
+    layers: Optional[int] = typer.Option(None, help="Blocks to keep (depth pruning; block 0 always stays)."),
+    depth_method: str = typer.Option("block", help="block: drop the blocks that change their input least; "
+                                     "window: the contiguous window that does (Gromov et al. 2024)."),
+    intermediate_size: Optional[int] = typer.Option(None, help="MLP channels to keep per layer (multiple of 32)."),
+    kv_heads: Optional[int] = typer.Option(None, help="KV groups (a KV head with its query heads) to keep per layer."),
+    heads: Optional[int] = typer.Option(None, help="Query heads to keep per layer (default: kv-heads x group size)."),
+    vocab_from: Optional[str] = typer.Option(None, help="Keep the output tokens that 'chitchat' or a JSONL of "
+                                             "{\"messages\": [...]} uses (training split; + special and byte tokens)."),
+    vocab_min_count: int = typer.Option(1, help="Occurrences a token needs to stay in the output vocabulary."),
+    sparsity: float = typer.Option(0.0, help="Unstructured magnitude sparsity: zeros only, no CPU speed-up."),
+    two_four: bool = typer.Option(False, "--two-four", help="2:4 sparsity: zeros only, no CPU speed-up."),
+    calib_samples: int = typer.Option(64, help="Calibration conversations for depth and width importance."),
+    seed: int = typer.Option(0, help="Picks the calibration conversations."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Structured pruning: fewer blocks, narrower MLPs, fewer heads, a smaller output vocabulary; writes a
+    Hugging Face directory (heal it with `kuaida distill` or `kuaida finetune`)."""
+    from kuaida.compress.prune import PruneConfig, prune, report_table
+    from kuaida.errors import UnsupportedModelError
+    from kuaida.model import load_model
+    from kuaida.model.save import save_model
+
+    cfg = PruneConfig(n_layers=layers, depth_method=depth_method, intermediate_size=intermediate_size,
+                      n_kv_heads=kv_heads, n_heads=heads, vocab_from=vocab_from, vocab_min_count=vocab_min_count,
+                      sparsity=sparsity, two_four=two_four, calib_samples=calib_samples, seed=seed)
+    with err.status(f"loading {model} ..."):
+        loaded = load_model(model)
+    if loaded.backend != "native":
+        raise UnsupportedModelError(f"{model} runs through transformers: kuaida prunes only its native "
+                                    "architectures (llama, qwen2, mistral)")
+    pruned, report = prune(loaded.model, loaded.tokenizer, cfg, progress=True)
+    save_model(pruned, loaded.tokenizer, out_dir, overwrite=overwrite,
+               extra={"history": [{"step": "prune", "source": model, **report}]})
+    Console().print(report_table(report))
+    typer.echo(f"saved to {out_dir}")
+
+
 if __name__ == "__main__":
     app()

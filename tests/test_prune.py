@@ -335,3 +335,23 @@ def test_prune_pipeline_report_and_save_round_trip(tiny_tokenizer, tmp_path):
     loaded = load_model(str(tmp_path / "out"))
     assert loaded.args.output_ids == a.output_ids and loaded.args.n_layers == 2
     torch.testing.assert_close(loaded.model(X), small(X))
+
+
+def test_cli_prune_writes_a_loadable_smaller_model(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from kuaida.cli import app
+    from kuaida.model import load_model
+
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), str(out), "--layers", "1",
+                                      "--intermediate-size", "64", "--kv-heads", "1", "--calib-samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert "blocks" in result.output and "layers_dropped=[1]" in result.output
+    loaded = load_model(str(out))
+    a = loaded.args
+    assert (a.n_layers, a.intermediate_size, a.n_kv_heads, a.n_heads) == (1, 64, 1, 2)
+    config = json.loads((out / "config.json").read_text())
+    assert config["kuaida"]["history"][0]["steps"][0]["layers_dropped"] == [1]
+    bad = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), str(tmp_path / "x"), "--intermediate-size", "100"])
+    assert bad.exit_code == 2 and "multiple of 32" in bad.output

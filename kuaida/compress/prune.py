@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from rich.table import Table
 from torch import nn
 
 from kuaida.compress.calibrate import (
@@ -367,3 +368,28 @@ def prune(model: Transformer, tokenizer, cfg: PruneConfig, progress: bool = Fals
         report["after"]["sparsity"] = round(sparsity_of(model), 4)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     return model, report
+
+
+_TABLE_ROWS = (("blocks", "n_layers"), ("MLP channels", "intermediate_size"), ("query heads", "n_heads"),
+               ("KV heads", "n_kv_heads"), ("output rows", "output_size"), ("parameters", "params"),
+               ("read per token", "decode_params"))
+
+
+def report_table(report: dict) -> Table:
+    """A rich table of what `prune` changed: shapes and parameter counts before / after / ratio, then one
+    row per step with what it did and its time."""
+    table = Table(title="kuaida prune", show_edge=False)
+    for column in ("", "before", "after", "after / before"):
+        table.add_column(column, justify="right" if column else "left")
+    before, after = report["before"], report["after"]
+    for label, key in _TABLE_ROWS:
+        table.add_row(label, f"{before[key]:,}", f"{after[key]:,}", f"{after[key] / before[key]:.3f}")
+    if "sparsity" in after:
+        table.add_row("zero weights", "", f"{after['sparsity']:.1%}", "zeros only: no CPU speed-up")
+    table.add_section()
+    for step in report["steps"]:
+        facts = {k: v for k, v in step.items() if k not in ("step", "seconds", "layer_importance", "layers_kept")}
+        table.add_row(f"{step['step']} ({step['seconds']:.1f} s)", "", "",
+                      ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in facts.items()))
+    table.add_row("total", "", "", f"{report['seconds']:.1f} s")
+    return table
