@@ -428,5 +428,268 @@ def prune_cmd(
     typer.echo(f"saved to {out_dir}")
 
 
+
+@bench_app.command("kb")
+@user_errors
+def bench_kb(
+    model: Optional[list[str]] = typer.Option(None, "--model", help=MODEL_HELP + " Repeat to compare models "
+                                              "(default: default)."),
+    dtype: str = typer.Option("int8", help=DTYPE_HELP),
+    k: int = typer.Option(3, "--k", help="Passages retrieved into a grounded prompt."),
+    questions: Optional[int] = typer.Option(None, help="Only the first N sample questions (a quick run)."),
+    scale_chunks: int = typer.Option(10_000, help="Grow the base to this many chunks for the scale test "
+                                     "(perturbed copies of the sample, really ingested); 0 skips it."),
+    max_new_tokens: int = typer.Option(96, help="Longest reply, in tokens (greedy)."),
+    conversations: int = typer.Option(5, help="3-turn conversations timed for TTFT with and without retrieval."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    md_path: Optional[Path] = typer.Option(None, "--md", help="Write the tables as Markdown here."),
+):
+    """Knowledge base on the shipped sample (a smart-home hub's manual and FAQ): ingest chunks/s, retrieval
+    recall@1/3/5 per search mode, search latency at scale, answers with and without the base, and time
+    to first token with retrieval. Takes ~15 minutes on 2 cores with the defaults.
+    """
+    from kuaida.bench.kb import COLUMNS, TITLE, KbBenchConfig, kb_markdown, run_kb
+    from kuaida.bench.report import rich_table, write_json
+
+    config = KbBenchConfig(models=tuple(model or ["default"]), dtype=dtype, k=k, questions=questions,
+                           scale_chunks=scale_chunks, max_new_tokens=max_new_tokens,
+                           ttft_conversations=conversations)
+    report = run_kb(config, progress=True)
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(report, COLUMNS, TITLE))
+    for key, target in report["targets"].items():
+        err.print(f"{key}: {target['value']} (target {target['target']}; met: {target['met']})",
+                  highlight=False)
+    if json_path:
+        write_json(report, json_path)
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(kb_markdown(report))
+
+
+@app.command()
+@user_errors
+def finetune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., help="Where to save the fine-tuned model (a Hugging Face directory)."),
+    data: str = typer.Option("chitchat", help="'chitchat' or a JSONL file of {\"messages\": [...]} (OpenAI format)."),
+    method: str = typer.Option("full", help="full (every weight) or lora (low-rank adapters, merged at the end)."),
+    budget: Optional[str] = typer.Option(None, help="Training time, e.g. 90s, 10m, 1h (default 10m unless --steps)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of, or as well as, --budget)."),
+    batch_size: int = typer.Option(8, help="Sequences per optimizer step, over all processes."),
+    micro_batch: int = typer.Option(0, help="Sequences per forward pass and process (0: no accumulation)."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (warmup, then cosine to a tenth)."),
+    max_len: int = typer.Option(256, help="Tokens per conversation (whole early turns kept)."),
+    lora_rank: int = typer.Option(8, help="LoRA rank (with --method lora)."),
+    parallel: str = typer.Option("auto", help="auto, none, ddp, fsdp or hsdp (under torchrun; auto: ddp)."),
+    resume: bool = typer.Option(True, help="Continue from OUT_DIR.checkpoints when a run was interrupted."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Fine-tune on conversations; prints held-out perplexity before and after. Multi-GPU:
+    `torchrun --nproc_per_node 8 -m kuaida.cli finetune ...`."""
+    from kuaida.train.data import DataConfig
+    from kuaida.train.distributed import is_main
+    from kuaida.train.finetune import FinetuneConfig, finetune_and_save
+    from kuaida.train.loop import TrainConfig, parse_duration
+
+    budget_s = parse_duration(budget) if budget else (None if steps else 600.0)
+    cfg = FinetuneConfig(method=method, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank,
+                         data=DataConfig(source=data, max_len=max_len),
+                         train=TrainConfig(lr=lr, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
+                                           budget_s=budget_s, resume=resume, parallel=parallel))
+    report = finetune_and_save(model, out_dir, cfg, overwrite=overwrite)
+    if is_main():
+        before, after = report["perplexity_before"], report["perplexity_after"]
+        typer.echo(f"held-out perplexity: {before['perplexity']:.3f} before, {after['perplexity']:.3f} after "
+                   f"({report['steps']} steps, {report['seconds']:.0f} s, {report['tokens_per_s']:.0f} tok/s)")
+        typer.echo(f"saved to {report['out_dir']}")
+
+
+@app.command("distill")
+@user_errors
+def distill_cmd(
+    teacher: str = typer.Argument(..., help=MODEL_HELP),
+    student: str = typer.Argument(..., help="A model directory (e.g. from `kuaida prune`), 'layers:N' (the teacher "
+                                  "with N evenly spaced blocks; layers:15 of 30 is every other one) or "
+                                  "'gru:dim=256,layers=2[,hidden=H][,tie=0|1]' (a recurrent student whose "
+                                  "embedding starts from the teacher's)."),
+    out_dir: Path = typer.Argument(..., help="Where to save the student (a Hugging Face directory; a GRU: "
+                                   "kuaida's own format, loadable by kuaida only)."),
+    budget: Optional[str] = typer.Option(None, help="Training time, e.g. 90s, 10m, 1h (default 10m unless --steps)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of, or as well as, --budget)."),
+    temperature: float = typer.Option(2.0, help="Softens teacher and student distributions; the KL is scaled by T^2."),
+    alpha: float = typer.Option(0.5, help="Weight of the cross-entropy on the data's replies; 1 - alpha weighs "
+                                "the KL to the teacher (1 = plain fine-tuning, 0 = pure distillation)."),
+    kind: str = typer.Option("forward", help="forward: KL(teacher || student), covers every teacher mode; "
+                             "reverse: KL(student || teacher), concentrates on the teacher's likeliest ones."),
+    sequence_level: bool = typer.Option(False, "--sequence-level", help="Train on the teacher's own (greedy) "
+                                        "replies instead of the data's (generated once, cached in a JSONL)."),
+    reply_conversations: int = typer.Option(512, help="Conversations the teacher re-generates with "
+                                            "--sequence-level (costly on a CPU: ~3 replies each)."),
+    data: str = typer.Option("chitchat", help="'chitchat' or a JSONL file of {\"messages\": [...]} (OpenAI format)."),
+    batch_size: int = typer.Option(8, help="Sequences per optimizer step, over all processes."),
+    micro_batch: int = typer.Option(0, help="Sequences per forward pass and process (0: no accumulation)."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (warmup, then cosine to a tenth)."),
+    max_len: int = typer.Option(256, help="Tokens per conversation (whole early turns kept)."),
+    parallel: str = typer.Option("auto", help="auto, none, ddp, fsdp or hsdp (under torchrun; auto: ddp)."),
+    resume: bool = typer.Option(True, help="Continue from OUT_DIR.checkpoints when a run was interrupted."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Distill TEACHER into STUDENT: loss = alpha * CE(data) + (1 - alpha) * T^2 * KL; prints held-out
+    perplexity and top-1 agreement with the teacher before and after. Multi-GPU:
+    `torchrun --nproc_per_node 8 -m kuaida.cli distill ...`."""
+    from kuaida.train.data import DataConfig
+    from kuaida.train.distill import DistillConfig, distill_and_save
+    from kuaida.train.distributed import is_main
+    from kuaida.train.loop import TrainConfig, parse_duration
+    from kuaida.train.sequence_kd import ReplyConfig
+
+    budget_s = parse_duration(budget) if budget else (None if steps else 600.0)
+    cfg = DistillConfig(temperature=temperature, alpha=alpha, kind=kind, sequence_level=sequence_level,
+                        replies=ReplyConfig(conversations=reply_conversations),
+                        data=DataConfig(source=data, max_len=max_len),
+                        train=TrainConfig(lr=lr, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
+                                          budget_s=budget_s, resume=resume, parallel=parallel))
+    report = distill_and_save(teacher, student, out_dir, cfg, overwrite=overwrite)
+    if is_main():
+        before, after = report["before"], report["after"]
+        typer.echo(f"held-out perplexity: {before['perplexity']['perplexity']:.3f} before, "
+                   f"{after['perplexity']['perplexity']:.3f} after (teacher "
+                   f"{report['teacher_perplexity']['perplexity']:.3f}); top-1 agreement with the teacher "
+                   f"{before['agreement']['top1']:.3f} -> {after['agreement']['top1']:.3f}")
+        typer.echo(f"{report['steps']} steps, {report['seconds']:.0f} s, {report['tokens_per_s']:.0f} tok/s; "
+                   f"saved to {report['out_dir']}")
+
+
+@app.command("prune")
+@user_errors
+def prune_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., help="Where to write the pruned model (a Hugging Face directory)."),
+    layers: Optional[int] = typer.Option(None, help="Blocks to keep (depth pruning; block 0 always stays)."),
+    depth_method: str = typer.Option("block", help="block: drop the blocks that change their input least; "
+                                     "window: the contiguous window that does (Gromov et al. 2024)."),
+    intermediate_size: Optional[int] = typer.Option(None, help="MLP channels to keep per layer (multiple of 32)."),
+    kv_heads: Optional[int] = typer.Option(None, help="KV groups (a KV head with its query heads) to keep per layer."),
+    heads: Optional[int] = typer.Option(None, help="Query heads to keep per layer (default: kv-heads x group size)."),
+    vocab_from: Optional[str] = typer.Option(None, help="Keep the output tokens that 'chitchat' or a JSONL of "
+                                             "{\"messages\": [...]} uses (training split; + special and byte tokens)."),
+    vocab_min_count: int = typer.Option(1, help="Occurrences a token needs to stay in the output vocabulary."),
+    sparsity: float = typer.Option(0.0, help="Unstructured magnitude sparsity: zeros only, no CPU speed-up."),
+    two_four: bool = typer.Option(False, "--two-four", help="2:4 sparsity: zeros only, no CPU speed-up."),
+    calib_samples: int = typer.Option(64, help="Calibration conversations for depth and width importance."),
+    seed: int = typer.Option(0, help="Picks the calibration conversations."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Structured pruning: fewer blocks, narrower MLPs, fewer heads, a smaller output vocabulary; writes a
+    Hugging Face directory (heal it with `kuaida distill` or `kuaida finetune`)."""
+    from kuaida.compress.prune import PruneConfig, prune, report_table
+    from kuaida.errors import UnsupportedModelError
+    from kuaida.model import load_model
+    from kuaida.model.save import save_model
+
+    cfg = PruneConfig(n_layers=layers, depth_method=depth_method, intermediate_size=intermediate_size,
+                      n_kv_heads=kv_heads, n_heads=heads, vocab_from=vocab_from, vocab_min_count=vocab_min_count,
+                      sparsity=sparsity, two_four=two_four, calib_samples=calib_samples, seed=seed)
+    with err.status(f"loading {model} ..."):
+        loaded = load_model(model)
+    if loaded.backend != "native":
+        raise UnsupportedModelError(f"{model} runs through transformers: kuaida prunes only its native "
+                                    "architectures (llama, qwen2, mistral)")
+    pruned, report = prune(loaded.model, loaded.tokenizer, cfg, progress=True)
+    save_model(pruned, loaded.tokenizer, out_dir, overwrite=overwrite,
+               extra={"history": [{"step": "prune", "source": model, **report}]})
+    Console().print(report_table(report))
+    typer.echo(f"saved to {out_dir}")
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., help="Where to write the quantized model (a directory kuaida loads)."),
+    dtype: str = typer.Option("int8", help="int8, int4 (output layer int8) or bf16."),
+    group_size: int = typer.Option(32, help="Weights per scale (a multiple of 32)."),
+    eval_samples: int = typer.Option(200, help="Held-out chitchat conversations scored before and after "
+                                     "(0: skip the perplexity)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Quantize with kuaida's kernels' formats and save; prints size on disk and held-out perplexity
+    before and after. The directory loads with `kuaida chat/serve OUT_DIR --dtype DTYPE` (no second
+    quantization); `kuaida export` turns it into a transformers directory or a GGUF."""
+    from kuaida.bench.report import write_json
+    from kuaida.export import quantize_to_dir
+
+    report = quantize_to_dir(model, out_dir, dtype, group_size=group_size, eval_samples=eval_samples,
+                             overwrite=overwrite)
+    size = report["bytes"]
+    typer.echo(f"size on disk: source {size['source'] / 1e6:.1f} MB, fp32 {size['fp32'] / 1e6:.1f} MB, "
+               f"{dtype} {size['out'] / 1e6:.1f} MB")
+    if report["eval"]:
+        ev = report["eval"]
+        typer.echo(f"held-out perplexity ({ev['examples']} conversations): {ev['before']['perplexity']:.3f} fp32, "
+                   f"{ev['after']['perplexity']:.3f} {dtype} (x{ev['ratio']:.3f})")
+    typer.echo(f"saved to {report['out']}")
+    if json_path:
+        write_json(report, json_path)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Argument(..., help="The directory (--hf) or .gguf file (--gguf) to write."),
+    hf: bool = typer.Option(False, "--hf", help="A transformers-loadable directory (fp32; the default)."),
+    gguf: bool = typer.Option(False, "--gguf", help="A GGUF file llama.cpp loads."),
+    dtype: str = typer.Option("f32", help="GGUF matrices: f32, f16 or q8_0 (an int8 model is q8_0 losslessly)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing OUT."),
+):
+    """Write a model (quantized ones dequantized) for other runtimes: transformers or llama.cpp."""
+    from kuaida.errors import InvalidArgumentError
+    from kuaida.export import export
+
+    if hf and gguf:
+        raise InvalidArgumentError("choose one of --hf and --gguf")
+    path = export(model, out, "gguf" if gguf else "hf", dtype=dtype, overwrite=overwrite)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: str = typer.Argument("default", help=MODEL_HELP),
+    teacher: Optional[str] = typer.Option(None, help="Compare with this model: its perplexity, top-1 agreement, "
+                                          "KL(teacher||model), greedy reply agreement."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: as stored."),
+    samples: int = typer.Option(200, help="Held-out conversations scored (fixed seeded split)."),
+    data: str = typer.Option("chitchat", help="'chitchat' or a JSONL of {\"messages\": [...]}."),
+    prompts: int = typer.Option(16, help="Held-out prompts for greedy reply agreement (with --teacher)."),
+    reply_tokens: int = typer.Option(32, help="Greedy reply tokens compared per prompt."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+):
+    """Held-out perplexity on the assistant's tokens; with --teacher, agreement with it."""
+    from kuaida.bench.quality import EvalConfig, evaluate
+    from kuaida.bench.report import write_json
+    from kuaida.bot import load_weights
+    from kuaida.train.data import DataConfig
+
+    cfg = EvalConfig(samples=samples, prompts=prompts, reply_tokens=reply_tokens, data=DataConfig(source=data))
+    with err.status(f"loading {model} ..."):
+        student = load_weights(model, dtype)
+        reference = load_weights(teacher, None) if teacher else None
+    report = evaluate(student, reference, cfg)
+    ppl = report["perplexity"]
+    typer.echo(f"perplexity {ppl['perplexity']:.3f} on {ppl['tokens']} reply tokens of {report['examples']} "
+               f"held-out conversations (coverage {ppl['coverage']:.1%})")
+    if teacher:
+        agree, greedy = report["agreement"], report["greedy"]
+        typer.echo(f"teacher perplexity {report['teacher']['perplexity']['perplexity']:.3f} "
+                   f"(ratio {report['perplexity_ratio']:.3f}); top-1 agreement {agree['top1']:.1%}, "
+                   f"KL {agree['kl']:.4f} nats/token; greedy: {greedy['prefix']:.1%} of the first "
+                   f"{greedy['n_tokens']} tokens shared, {greedy['exact']:.1%} identical")
+    if json_path:
+        write_json(report, json_path)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,446 @@
+"""`kuaida bench kb`: how well and how fast a knowledge base helps a chat model answer from documents.
+
+On the shipped sample (kuaida/knowledge/samples/homehub: the manual and FAQ of a fictional smart-home hub,
+and questions.jsonl: customer questions, each with the fact a correct answer contains and its file):
+1. ingest: a fresh base in a temp dir, chunks/s (the embedder loaded before the clock starts);
+2. retrieval: recall@1/3/5 per search mode — a question is found at rank r when the passage at r is
+   from its source file ("doc"), or contains its fact ("fact"); search latency p50/p95;
+3. scale: the sample plus perturbed copies of it (every number redrawn, product names replaced: the same
+   vocabulary and structure, different text) up to --scale-chunks chunks, ingested for real -> ingest
+   chunks/s and search latency p50/p95 at that size;
+4. answers: per model, a greedy reply to each question without the base and with it (passages from
+   `kb.search(retrieval_query(messages), k)` in the system prompt) -> the share containing the fact;
+5. TTFT: 3-turn conversations, the last turn answered plain vs grounded (retrieval + prefill + first
+   token), cold and with the previous turn's KV cache, with new or recurring passages.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kuaida.bench.load import OtherCpu
+from kuaida.bench.report import MISSING, Column, cell, fixed, make_report, percent
+from kuaida.errors import InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+TITLE = "kuaida bench kb"
+THREADS = 2
+SAMPLE = "homehub"
+QUESTIONS_FILE = "questions.jsonl"
+RECALL_AT = (1, 3, 5)
+MODES = ("hybrid", "keyword", "vector")
+TARGETS = {"ingest_chunks_s": 50.0, "scale_p95_ms": 20.0, "answer_gain": 2.0, "ttft_ratio": 1.3}
+
+COLUMNS = [Column("search mode", "variant"),
+           *(Column(f"doc@{n}", f"recall_doc.@{n}", percent) for n in RECALL_AT),
+           *(Column(f"fact@{n}", f"recall_fact.@{n}", percent) for n in RECALL_AT),
+           Column("search ms p50", "latency_ms.p50", fixed(1)), Column("search ms p95", "latency_ms.p95", fixed(1))]
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    fact: str  # a correct answer contains it (case-insensitive)
+    source: str  # the sample file that holds it
+
+    def answered_by(self, text: str) -> bool:
+        return self.fact.lower() in text.lower()
+
+
+@dataclass
+class KbBenchConfig:
+    models: tuple[str, ...] = ("default",)
+    dtype: str = "int8"
+    k: int = 3  # passages in a grounded prompt (recall is reported at 1, 3 and 5 whatever k is)
+    questions: int | None = None  # the first N questions (None: all)
+    scale_chunks: int = 10_000  # 0: no scale test
+    max_new_tokens: int = 96
+    ttft_conversations: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from kuaida.compress.quantize import DTYPES
+
+        self.models = tuple(self.models)
+        if not self.models:
+            raise InvalidArgumentError("name at least one --model (e.g. default)")
+        if self.dtype not in DTYPES:
+            raise InvalidArgumentError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.k < 1 or (self.questions is not None and self.questions < 3):
+            raise InvalidArgumentError("use k >= 1 and at least 3 questions (a TTFT conversation has 3 turns)")
+        if self.scale_chunks < 0 or self.max_new_tokens < 1 or self.ttft_conversations < 1:
+            raise InvalidArgumentError("scale_chunks must be >= 0, max_new_tokens and ttft_conversations >= 1")
+
+
+# -- the sample --------------------------------------------------------------------------------------
+def sample_path(name: str = SAMPLE) -> Path:
+    """The folder of a shipped sample knowledge base (its documents and questions.jsonl)."""
+    path = Path(__file__).resolve().parents[1] / "knowledge" / "samples" / name
+    if not path.is_dir():
+        raise InvalidArgumentError(f"no sample knowledge base named {name!r} (kuaida ships {SAMPLE!r})")
+    return path
+
+
+def load_questions(path: Path, limit: int | None = None) -> list[Question]:
+    """questions.jsonl -> Questions (the first `limit`); a bad line fails naming its number."""
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(Question(**{key: json.loads(line)[key] for key in ("id", "question", "fact", "source")}))
+            except (ValueError, KeyError, TypeError) as e:
+                raise InvalidArgumentError(f"{path}:{n}: want {{id, question, fact, source}} ({e})") from e
+    return out[:limit]
+
+
+def sample_documents(folder: Path) -> list[Path]:
+    """The files a base is built from: every file but the questions (which hold the facts)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != QUESTIONS_FILE)
+
+
+def build_base(docs: Sequence[Path], root: Path, name: str = "bench", embedder=None, progress: bool = False):
+    """A fresh base of `docs` (each named by its file name) under `root` -> (base, IngestReport).
+    The embedder is loaded first, so chunks/s is ingest alone."""
+    from kuaida.knowledge import create_kb
+
+    kb = create_kb(name, root=root, embedder=embedder)
+    kb.embedder.embed(["warm-up"])
+    report = kb.add(list(docs), progress=progress)
+    if report.failed:
+        log.warning("not ingested: %s", report.failed)
+    return kb, report
+
+
+# -- retrieval ---------------------------------------------------------------------------------------
+def first_hits(passages: Sequence, q: Question) -> tuple[int | None, int | None]:
+    """1-based rank of the first passage from q's source file, and of the first containing its fact."""
+    doc = next((r for r, p in enumerate(passages, 1) if p.doc == q.source), None)
+    fact = next((r for r, p in enumerate(passages, 1) if q.answered_by(p.text)), None)
+    return doc, fact
+
+
+def recall(ranks: Sequence[int | None], at: Iterable[int] = RECALL_AT) -> dict[str, float]:
+    """{"@n": share of ranks <= n}: a None rank (not found) counts as a miss."""
+    return {f"@{n}": round(sum(r is not None and r <= n for r in ranks) / len(ranks), 4) for n in at}
+
+
+def spread_ms(seconds: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000
+    return {"p50": round(float(np.percentile(ms, 50)), 2), "p95": round(float(np.percentile(ms, 95)), 2)}
+
+
+def timed_search(kb, query: str, k: int, mode: str = "hybrid") -> tuple[list, float]:
+    t0 = time.perf_counter()
+    passages = kb.search(query, k=k, mode=mode)
+    return passages, time.perf_counter() - t0
+
+
+def measure_retrieval(kb, questions: Sequence[Question], mode: str, show: bool = False) -> dict[str, Any]:
+    """One search per question at depth max(RECALL_AT) -> recall by doc and by fact, latency, misses."""
+    kb.search(questions[0].question, k=1, mode=mode)  # warm-up: loads the vector matrix, untimed
+    depth = max(RECALL_AT)
+    doc_ranks, fact_ranks, times = [], [], []
+    for q in track(questions, f"retrieval ({mode})", show):
+        passages, seconds = timed_search(kb, q.question, depth, mode)
+        doc, fact = first_hits(passages, q)
+        doc_ranks.append(doc)
+        fact_ranks.append(fact)
+        times.append(seconds)
+    return {"variant": mode, "recall_doc": recall(doc_ranks), "recall_fact": recall(fact_ranks),
+            "latency_ms": spread_ms(times),
+            "fact_missed_at_5": [q.id for q, r in zip(questions, fact_ranks) if r is None]}
+
+
+# -- scale: perturbed copies of the sample -----------------------------------------------------------
+_NUMBER = re.compile(r"\d+")
+_PRODUCT_WORDS = ("Tessaline", "LumOS", "Lumo", "LH2")
+_SYLLABLES = ("ka", "ve", "ro", "li", "sta", "mor", "qui", "den", "pa", "zu", "tel", "nor")
+
+
+def perturb(text: str, rng: np.random.Generator) -> str:
+    """Every number redrawn (same digit count) and each product word replaced by a made-up one."""
+    names = {w: "".join(rng.choice(_SYLLABLES, 3)).capitalize() for w in _PRODUCT_WORDS}
+    text = re.sub("|".join(_PRODUCT_WORDS), lambda m: names[m.group()], text)
+    return _NUMBER.sub(lambda m: str(rng.integers(10 ** (len(m.group()) - 1) if len(m.group()) > 1 else 0,
+                                                  10 ** len(m.group()))), text)
+
+
+def write_copy(docs: Sequence[Path], folder: Path, rng: np.random.Generator) -> None:
+    """Perturbed copies of `docs` in `folder` (FAQ lines perturbed field by field: still valid JSON)."""
+    folder.mkdir(parents=True)
+    for doc in docs:
+        text = doc.read_text()
+        if doc.suffix == ".jsonl":
+            text = "".join(json.dumps({k: perturb(v, rng) for k, v in json.loads(line).items()}) + "\n"
+                           for line in text.splitlines() if line.strip())
+        else:
+            text = perturb(text, rng)
+        (folder / doc.name).write_text(text)
+
+
+def scale_test(kb, docs: Sequence[Path], sample_chunks: int, target: int, questions: Sequence[Question],
+               workdir: Path, seed: int, show: bool) -> dict[str, Any]:
+    """Grow `kb` (holding the sample) with perturbed copies to >= `target` chunks -> ingest chunks/s of
+    the copies, and search latency per mode at that size."""
+    copies = max(1, math.ceil((target - sample_chunks) / sample_chunks))
+    rng = np.random.default_rng(seed)
+    for i in range(copies):
+        write_copy(docs, workdir / "scale" / f"copy-{i + 1:03d}", rng)
+    report = kb.add([workdir / "scale"], progress=show)
+    latency = {}
+    with OtherCpu() as cpu:
+        for mode in MODES:
+            kb.search(questions[0].question, k=1, mode=mode)  # warm-up, untimed
+            latency[mode] = spread_ms([timed_search(kb, q.question, 5, mode)[1] for q in questions])
+    return {"copies": copies, "chunks": sample_chunks + report.chunks, "ingested_chunks": report.chunks,
+            "ingest_s": round(report.seconds, 1), "ingest_chunks_s": round(report.chunks_per_second, 1),
+            "failed": len(report.failed), "latency_ms": latency, "other_cpu_cores": cpu.cores}
+
+
+# -- answers -----------------------------------------------------------------------------------------
+def grounded(kb, messages: list[dict], k: int) -> tuple[list[dict], list, float]:
+    """messages -> (messages with the retrieved passages in the system prompt, passages, seconds spent)."""
+    from kuaida.dialogue.grounding import grounded_messages, retrieval_query
+
+    t0 = time.perf_counter()
+    passages = kb.search(retrieval_query(messages), k=k)
+    out = grounded_messages(messages, passages)
+    return out, passages, time.perf_counter() - t0
+
+
+def answer_quality(bot, kb, questions: Sequence[Question], k: int, max_new_tokens: int,
+                   show: bool = False) -> dict[str, Any]:
+    """Greedy replies without and with the base -> the share that contains the fact, and every reply."""
+    replies = []
+    for q in track(questions, "answers", show):
+        plain = [{"role": "user", "content": q.question}]
+        with_kb, passages, _ = grounded(kb, plain, k)
+        without = bot.chat(plain, max_new_tokens=max_new_tokens, temperature=0.0)
+        withkb = bot.chat(with_kb, max_new_tokens=max_new_tokens, temperature=0.0)
+        replies.append({"id": q.id, "question": q.question, "fact": q.fact,
+                        "fact_in_passages": any(q.answered_by(p.text) for p in passages),
+                        "without": without, "with": withkb,
+                        "hit_without": q.answered_by(without), "hit_with": q.answered_by(withkb)})
+    n = len(replies)
+    without = sum(r["hit_without"] for r in replies) / n
+    with_kb = sum(r["hit_with"] for r in replies) / n
+    return {"without": round(without, 4), "with": round(with_kb, 4),
+            "gain": round(with_kb / without, 2) if without else None, "replies": replies}
+
+
+# -- time to first token -----------------------------------------------------------------------------
+def conversations(questions: Sequence[Question], n: int) -> list[list[Question]]:
+    """Up to n 3-turn conversations from consecutive questions (each question used once)."""
+    return [list(questions[i:i + 3]) for i in range(0, 3 * n, 3) if i + 3 <= len(questions)]
+
+
+def history(turns: Sequence[Question]) -> list[dict]:
+    """User turns with short canned replies between them, ending on the last user turn."""
+    out: list[dict] = []
+    for q in turns:
+        out += [{"role": "user", "content": q.question},
+                {"role": "assistant", "content": f"The answer is {q.fact}."}]
+    return out[:-1]
+
+
+def first_token(bot, messages: list[dict], warm: list[dict] | None) -> tuple[float, int, int]:
+    """Wall time to the first token of `messages` -> (seconds, prompt tokens, cached tokens). The cache
+    starts empty, or holding the prompt of `warm` (the previous turn, as in a live conversation)."""
+    bot.engine.cached_ids = []
+    if warm is not None:
+        bot.chat(warm, max_new_tokens=1, temperature=0.0)
+    t0 = time.perf_counter()
+    bot.chat(messages, max_new_tokens=1, temperature=0.0)
+    return time.perf_counter() - t0, bot.last_stats.prompt_tokens, bot.last_stats.cached_tokens
+
+
+def ttft_one(bot, kb, turns: Sequence[Question], k: int) -> tuple[dict[str, dict[str, float]], bool]:
+    """One conversation's last turn in each scenario -> ({scenario: {plain_s, grounded_s, retrieval_s,
+    plain/grounded prompt and cached tokens}}, whether its retrieval found turn 2's passages again)."""
+    from kuaida.dialogue.grounding import grounded_messages
+
+    msgs, before = history(turns), history(turns[:2])
+    ground3, passages3, retrieval_s = grounded(kb, msgs, k)
+    ground2, passages2, _ = grounded(kb, before, k)
+    same = grounded_messages(msgs, passages2)
+    cases = {"cold": (None, None, ground3), "warm": (before, ground2, ground3),
+             "warm, recurring passages": (before, ground2, same)}
+    out = {}
+    for name, (warm_plain, warm_grounded, target) in cases.items():
+        plain_s, plain_tokens, plain_cached = first_token(bot, msgs, warm_plain)
+        ground_s, ground_tokens, ground_cached = first_token(bot, target, warm_grounded)
+        out[name] = {"plain_s": plain_s, "grounded_s": ground_s + retrieval_s, "retrieval_s": retrieval_s,
+                     "plain_tokens": plain_tokens, "grounded_tokens": ground_tokens,
+                     "plain_cached": plain_cached, "grounded_cached": ground_cached}
+    return out, {p.id for p in passages3} == {p.id for p in passages2}
+
+
+def ttft_comparison(bot, kb, questions: Sequence[Question], k: int, n: int, show: bool) -> dict[str, Any]:
+    """Medians over n conversations, one row per scenario (after one untimed warm-up conversation), and
+    how many conversations retrieved the same passages for turns 2 and 3 on their own."""
+    convs = conversations(questions, n)
+    ttft_one(bot, kb, convs[0], k)  # warm-up: first-call allocations go untimed
+    runs, recurred = zip(*(ttft_one(bot, kb, c, k) for c in track(convs, "time to first token", show)))
+    rows = []
+    for scenario in runs[0]:
+        med = {key: float(np.median([r[scenario][key] for r in runs])) for key in runs[0][scenario]}
+        rows.append({"scenario": scenario, "conversations": len(runs),
+                     "plain_ms": round(med["plain_s"] * 1000, 1), "grounded_ms": round(med["grounded_s"] * 1000, 1),
+                     "retrieval_ms": round(med["retrieval_s"] * 1000, 1),
+                     "ratio": round(med["grounded_s"] / med["plain_s"], 2),
+                     **{key: int(med[key]) for key in ("plain_tokens", "grounded_tokens", "plain_cached",
+                                                        "grounded_cached")}})
+    return {"rows": rows, "passages_recurred": sum(recurred)}
+
+
+def measure_model(model: str, kb, questions: Sequence[Question], config: KbBenchConfig,
+                  show: bool) -> dict[str, Any]:
+    from kuaida.bot import load
+
+    bot = load(model, dtype=config.dtype)
+    with OtherCpu() as cpu:
+        answers = answer_quality(bot, kb, questions, config.k, config.max_new_tokens, show)
+        ttft = ttft_comparison(bot, kb, questions, config.k, config.ttft_conversations, show)
+    return {"model": model, "dtype": config.dtype, "answers": answers, "ttft": ttft["rows"],
+            "ttft_passages_recurred": ttft["passages_recurred"], "other_cpu_cores": cpu.cores}
+
+
+# -- the benchmark -----------------------------------------------------------------------------------
+def track(items: Sequence, description: str, show: bool) -> Iterator:
+    """Iterate `items` under a rich progress bar on stderr (one at a time: rich allows one live display)."""
+    if not show:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        yield from bar.track(items, description=description)
+
+
+def check_targets(ingest: dict, scale: dict | None, models: list[dict]) -> dict[str, dict[str, Any]]:
+    """Each target: its value, the target, met (None when not measured)."""
+    def target(value: Any, goal: str, met: bool) -> dict[str, Any]:
+        return {"value": value, "target": goal, "met": None if value is None else met}
+
+    rate = scale["ingest_chunks_s"] if scale else ingest["chunks_s"]
+    p95 = scale["latency_ms"]["hybrid"]["p95"] if scale else None
+    out = {"ingest chunks/s" + (" (scale)" if scale else " (sample)"):
+           target(rate, f">= {TARGETS['ingest_chunks_s']:.0f}", rate >= TARGETS["ingest_chunks_s"]),
+           "hybrid search p95 ms at scale": target(p95, f"<= {TARGETS['scale_p95_ms']:.0f}",
+                                                   p95 is not None and p95 <= TARGETS["scale_p95_ms"])}
+    for m in models:
+        a = m["answers"]
+        out[f"{m['model']}: replies with the fact, with / without the base"] = target(
+            f"{a['with']:.1%} / {a['without']:.1%}", f">= {TARGETS['answer_gain']:.0f}x",
+            a["with"] > 0 and a["with"] >= TARGETS["answer_gain"] * a["without"])
+        for row in m["ttft"]:
+            out[f"{m['model']}: TTFT grounded / plain ({row['scenario']})"] = target(
+                row["ratio"], f"<= {TARGETS['ttft_ratio']}x", row["ratio"] <= TARGETS["ttft_ratio"])
+    return out
+
+
+def run_kb(config: KbBenchConfig | None = None, folder: Path | None = None, embedder=None,
+           progress: bool = False, command: str | None = None) -> dict[str, Any]:
+    """The whole benchmark on a folder of documents with its questions.jsonl (default: the shipped
+    sample); -> the report (see kuaida.bench.report). `embedder`: the base's (default MiniLM)."""
+    import torch
+
+    from kuaida.model.loader import resolve
+
+    config = config or KbBenchConfig()
+    for model in config.models:
+        resolve(model)  # a bad model name fails now, not after the ingest
+    torch.set_num_threads(THREADS)
+    folder = Path(folder) if folder else sample_path()
+    questions = load_questions(folder / QUESTIONS_FILE, config.questions)
+    docs = sample_documents(folder)
+    with tempfile.TemporaryDirectory(prefix="kuaida-bench-kb-") as tmp:
+        kb, report = build_base(docs, Path(tmp), embedder=embedder, progress=progress)
+        with kb:
+            ingest = {"documents": report.added, "chunks": report.chunks, "seconds": round(report.seconds, 2),
+                      "chunks_s": round(report.chunks_per_second, 1), "failed": report.failed}
+            rows = [measure_retrieval(kb, questions, mode, progress) for mode in MODES]
+            models = [measure_model(m, kb, questions, config, progress) for m in config.models]
+            scale = (scale_test(kb, docs, report.chunks, config.scale_chunks, questions, Path(tmp),
+                                config.seed, progress) if config.scale_chunks else None)
+    settings = {**asdict(config), "models": list(config.models), "documents": folder.name,
+                "questions_used": len(questions), "embedder": getattr(kb.embedder, "name", "?")}
+    out = make_report("kb", ", ".join(config.models), settings, rows, THREADS, command)
+    out.update(ingest=ingest, scale=scale, models=models, targets=check_targets(ingest, scale, models))
+    return out
+
+
+# -- Markdown ----------------------------------------------------------------------------------------
+def table(rows: list[dict[str, Any]], columns: list[Column]) -> list[str]:
+    return ["| " + " | ".join(c.header for c in columns) + " |",
+            "| " + " | ".join("---" for _ in columns) + " |",
+            *("| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows)]
+
+
+TTFT_COLUMNS = [Column("scenario", "scenario"), Column("plain ms", "plain_ms", fixed(0)),
+                Column("grounded ms (incl. retrieval)", "grounded_ms", fixed(0)),
+                Column("retrieval ms", "retrieval_ms", fixed(1)), Column("ratio", "ratio", lambda v: f"{v:.2f}×"),
+                Column("prompt tokens plain", "plain_tokens"), Column("cached", "plain_cached"),
+                Column("prompt tokens grounded", "grounded_tokens"), Column("cached", "grounded_cached")]
+
+
+def failures(replies: list[dict], limit: int = 5) -> list[str]:
+    """Grounded replies that missed the fact, those whose passages held it first (the model's miss)."""
+    missed = sorted((r for r in replies if not r["hit_with"]), key=lambda r: not r["fact_in_passages"])
+    return [f"- {r['id']} ({'fact retrieved' if r['fact_in_passages'] else 'fact not retrieved'}) "
+            f"“{r['question']}” — want “{r['fact']}”, got: “{' '.join(r['with'].split())[:200]}”"
+            for r in missed[:limit]]
+
+
+def kb_markdown(report: dict[str, Any]) -> str:
+    from kuaida.bench.report import markdown
+
+    ing, scale, s = report["ingest"], report["scale"], report["settings"]
+    lines = [markdown(report, COLUMNS, TITLE).rstrip(), "",
+             (f"Retrieval over {s['questions_used']} questions; doc@n: a passage from the question's source "
+              "file in the top n; fact@n: a passage containing the answer's fact."), "",
+             (f"Ingest of the sample: {ing['documents']} documents, {ing['chunks']} chunks in {ing['seconds']} s "
+              f"({ing['chunks_s']} chunks/s)."), ""]
+    if scale:
+        lat = "; ".join(f"{m} p50 {v['p50']} ms, p95 {v['p95']} ms" for m, v in scale["latency_ms"].items())
+        lines += ["## Scale", "",
+                  (f"{scale['chunks']} chunks: the sample plus {scale['copies']} perturbed copies (every number "
+                   f"redrawn, product names replaced), ingested at {scale['ingest_chunks_s']} chunks/s "
+                   f"({scale['ingest_s']} s). Search (k=5): {lat}. Other processes' CPU meanwhile: "
+                   f"{scale['other_cpu_cores']} cores."), ""]
+    for m in report["models"]:
+        lines += model_section(m, s)
+    lines += ["## Targets", ""]
+    for key, t in report["targets"].items():
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+        lines.append(f"- {key}: {MISSING if t['value'] is None else t['value']} (target {t['target']}): {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def model_section(m: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    a = m["answers"]
+    gain = MISSING if a["gain"] is None else f"{a['gain']}×"
+    return [f"## {m['model']} ({m['dtype']})", "",
+            (f"Replies containing the fact: without the base {a['without']:.1%}, with it {a['with']:.1%} "
+             f"({gain}); greedy, at most {settings['max_new_tokens']} tokens, k={settings['k']} passages."), "",
+            *table(m["ttft"], TTFT_COLUMNS), "",
+            (f"Time to first token of a 3-turn conversation's last turn (median over "
+             f"{m['ttft'][0]['conversations']} conversations): cold = empty KV cache; warm = the previous "
+             "turn's prompt cached (its passages were retrieved for it); recurring = the same passages as the "
+             f"previous turn (retrieval found them again on its own in {m['ttft_passages_recurred']} of "
+             f"{m['ttft'][0]['conversations']}). Other processes' CPU meanwhile: {m['other_cpu_cores']} cores."), "",
+            "Grounded replies that missed the fact (examples):", "", *failures(a["replies"]), ""]
