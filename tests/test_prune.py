@@ -347,7 +347,7 @@ def test_cli_prune_writes_a_loadable_smaller_model(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), str(out), "--layers", "1",
                                       "--intermediate-size", "64", "--kv-heads", "1", "--calib-samples", "2"])
     assert result.exit_code == 0, result.output
-    assert "blocks" in result.output and "layers_dropped=[1]" in result.output
+    assert "blocks" in result.output and "layers dropped [1]" in result.output
     loaded = load_model(str(out))
     a = loaded.args
     assert (a.n_layers, a.intermediate_size, a.n_kv_heads, a.n_heads) == (1, 64, 1, 2)
