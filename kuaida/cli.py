@@ -255,6 +255,62 @@ def finetune(
         typer.echo(f"saved to {report['out_dir']}")
 
 
+@app.command("distill")
+@user_errors
+def distill_cmd(
+    teacher: str = typer.Argument(..., help=MODEL_HELP),
+    student: str = typer.Argument(..., help="A model directory (e.g. from `kuaida prune`), 'layers:N' (the teacher "
+                                  "with N evenly spaced blocks; layers:15 of 30 is every other one) or "
+                                  "'gru:dim=256,layers=2[,hidden=H][,tie=0|1]' (a recurrent student whose "
+                                  "embedding starts from the teacher's)."),
+    out_dir: Path = typer.Argument(..., help="Where to save the student (a Hugging Face directory; a GRU: "
+                                   "kuaida's own format, loadable by kuaida only)."),
+    budget: Optional[str] = typer.Option(None, help="Training time, e.g. 90s, 10m, 1h (default 10m unless --steps)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of, or as well as, --budget)."),
+    temperature: float = typer.Option(2.0, help="Softens teacher and student distributions; the KL is scaled by T^2."),
+    alpha: float = typer.Option(0.5, help="Weight of the cross-entropy on the data's replies; 1 - alpha weighs "
+                                "the KL to the teacher (1 = plain fine-tuning, 0 = pure distillation)."),
+    kind: str = typer.Option("forward", help="forward: KL(teacher || student), covers every teacher mode; "
+                             "reverse: KL(student || teacher), concentrates on the teacher's likeliest ones."),
+    sequence_level: bool = typer.Option(False, "--sequence-level", help="Train on the teacher's own (greedy) "
+                                        "replies instead of the data's (generated once, cached in a JSONL)."),
+    reply_conversations: int = typer.Option(512, help="Conversations the teacher re-generates with "
+                                            "--sequence-level (costly on a CPU: ~3 replies each)."),
+    data: str = typer.Option("chitchat", help="'chitchat' or a JSONL file of {\"messages\": [...]} (OpenAI format)."),
+    batch_size: int = typer.Option(8, help="Sequences per optimizer step, over all processes."),
+    micro_batch: int = typer.Option(0, help="Sequences per forward pass and process (0: no accumulation)."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (warmup, then cosine to a tenth)."),
+    max_len: int = typer.Option(256, help="Tokens per conversation (whole early turns kept)."),
+    parallel: str = typer.Option("auto", help="auto, none, ddp, fsdp or hsdp (under torchrun; auto: ddp)."),
+    resume: bool = typer.Option(True, help="Continue from OUT_DIR.checkpoints when a run was interrupted."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+):
+    """Distill TEACHER into STUDENT: loss = alpha * CE(data) + (1 - alpha) * T^2 * KL; prints held-out
+    perplexity and top-1 agreement with the teacher before and after. Multi-GPU:
+    `torchrun --nproc_per_node 8 -m kuaida.cli distill ...`."""
+    from kuaida.train.data import DataConfig
+    from kuaida.train.distill import DistillConfig, distill_and_save
+    from kuaida.train.distributed import is_main
+    from kuaida.train.loop import TrainConfig, parse_duration
+    from kuaida.train.sequence_kd import ReplyConfig
+
+    budget_s = parse_duration(budget) if budget else (None if steps else 600.0)
+    cfg = DistillConfig(temperature=temperature, alpha=alpha, kind=kind, sequence_level=sequence_level,
+                        replies=ReplyConfig(conversations=reply_conversations),
+                        data=DataConfig(source=data, max_len=max_len),
+                        train=TrainConfig(lr=lr, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
+                                          budget_s=budget_s, resume=resume, parallel=parallel))
+    report = distill_and_save(teacher, student, out_dir, cfg, overwrite=overwrite)
+    if is_main():
+        before, after = report["before"], report["after"]
+        typer.echo(f"held-out perplexity: {before['perplexity']['perplexity']:.3f} before, "
+                   f"{after['perplexity']['perplexity']:.3f} after (teacher "
+                   f"{report['teacher_perplexity']['perplexity']:.3f}); top-1 agreement with the teacher "
+                   f"{before['agreement']['top1']:.3f} -> {after['agreement']['top1']:.3f}")
+        typer.echo(f"{report['steps']} steps, {report['seconds']:.0f} s, {report['tokens_per_s']:.0f} tok/s; "
+                   f"saved to {report['out_dir']}")
+
+
 @app.command("prune")
 @user_errors
 def prune_cmd(
