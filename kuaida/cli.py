@@ -102,6 +102,10 @@ def serve(
                                                  "~/.cache/kuaida, file sessions.db)."),
     prefix_cache: bool = typer.Option(True, help="Reuse each conversation's cached KV prefix; "
                                       "--no-prefix-cache prefills every prompt whole (a baseline)."),
+    kb: list[str] = typer.Option([], help="Knowledge base to open at start-up (repeatable); requests name "
+                                 "a base in their 'knowledge' field. Bases live in --kb-dir."),
+    kb_dir: Optional[Path] = typer.Option(None, help="Where knowledge bases are (default: $KUAIDA_KB_DIR or "
+                                                     "~/.local/share/kuaida/kb)."),
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/sessions, /metrics, web chat at /.
 
@@ -112,7 +116,7 @@ def serve(
 
     config = ServerConfig(model=model, host=host, port=port, api_key=api_key, dtype=dtype, max_batch=max_batch,
                           max_context=max_context, cache_mb=cache_mb, max_queue=max_queue, db=db,
-                          prefix_cache=prefix_cache)
+                          prefix_cache=prefix_cache, kb_dir=kb_dir, knowledge_bases=tuple(kb))
     with err.status(f"loading {model} ({dtype}) ..."):
         server_app = create_app(config, load_weights(model, dtype))
     run_server(server_app, on_ready=lambda url: typer.echo(
@@ -215,6 +219,42 @@ def load(
     if png_path:
         plot_load(report, png_path)
 
+
+@bench_app.command("kb")
+@user_errors
+def bench_kb(
+    model: Optional[list[str]] = typer.Option(None, "--model", help=MODEL_HELP + " Repeat to compare models "
+                                              "(default: default)."),
+    dtype: str = typer.Option("int8", help=DTYPE_HELP),
+    k: int = typer.Option(3, "--k", help="Passages retrieved into a grounded prompt."),
+    questions: Optional[int] = typer.Option(None, help="Only the first N sample questions (a quick run)."),
+    scale_chunks: int = typer.Option(10_000, help="Grow the base to this many chunks for the scale test "
+                                     "(perturbed copies of the sample, really ingested); 0 skips it."),
+    max_new_tokens: int = typer.Option(96, help="Longest reply, in tokens (greedy)."),
+    conversations: int = typer.Option(5, help="3-turn conversations timed for TTFT with and without retrieval."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    md_path: Optional[Path] = typer.Option(None, "--md", help="Write the tables as Markdown here."),
+):
+    """Knowledge base on the shipped sample (a smart-home hub's manual and FAQ): ingest chunks/s, retrieval
+    recall@1/3/5 per search mode, search latency at scale, answers with and without the base, and time
+    to first token with retrieval. Takes ~15 minutes on 2 cores with the defaults.
+    """
+    from kuaida.bench.kb import COLUMNS, TITLE, KbBenchConfig, kb_markdown, run_kb
+    from kuaida.bench.report import rich_table, write_json
+
+    config = KbBenchConfig(models=tuple(model or ["default"]), dtype=dtype, k=k, questions=questions,
+                           scale_chunks=scale_chunks, max_new_tokens=max_new_tokens,
+                           ttft_conversations=conversations)
+    report = run_kb(config, progress=True)
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(report, COLUMNS, TITLE))
+    for key, target in report["targets"].items():
+        err.print(f"{key}: {target['value']} (target {target['target']}; met: {target['met']})",
+                  highlight=False)
+    if json_path:
+        write_json(report, json_path)
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(kb_markdown(report))
 
 
 @app.command()
@@ -441,85 +481,6 @@ def eval_cmd(
     if json_path:
         write_json(report, json_path)
 
-
-@app.command("prune")
-@user_errors
-def prune_cmd(
-    model: str = typer.Argument(..., help=MODEL_HELP),
-    out_dir: Path = typer.Argument(..., help="Where to write the pruned model (a Hugging Face directory)."),
-    layers: Optional[int] = typer.Option(None, help="Blocks to keep (depth pruning; block 0 always stays)."),
-    depth_method: str = typer.Option("block", help="block: drop the blocks that change their input least; "
-                                     "window: the contiguous window that does (Gromov et al. 2024)."),
-    intermediate_size: Optional[int] = typer.Option(None, help="MLP channels to keep per layer (multiple of 32)."),
-    kv_heads: Optional[int] = typer.Option(None, help="KV groups (a KV head with its query heads) to keep per layer."),
-    heads: Optional[int] = typer.Option(None, help="Query heads to keep per layer (default: kv-heads x group size)."),
-    vocab_from: Optional[str] = typer.Option(None, help="Keep the output tokens that 'chitchat' or a JSONL of "
-                                             "{\"messages\": [...]} uses (training split; + special and byte tokens)."),
-    vocab_min_count: int = typer.Option(1, help="Occurrences a token needs to stay in the output vocabulary."),
-    sparsity: float = typer.Option(0.0, help="Unstructured magnitude sparsity: zeros only, no CPU speed-up."),
-    two_four: bool = typer.Option(False, "--two-four", help="2:4 sparsity: zeros only, no CPU speed-up."),
-    calib_samples: int = typer.Option(64, help="Calibration conversations for depth and width importance."),
-    seed: int = typer.Option(0, help="Picks the calibration conversations."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
-):
-    """Structured pruning: fewer blocks, narrower MLPs, fewer heads, a smaller output vocabulary; writes a
-    Hugging Face directory (heal it with `kuaida distill` or `kuaida finetune`)."""
-    from kuaida.compress.prune import PruneConfig, prune, report_table
-    from kuaida.errors import UnsupportedModelError
-    from kuaida.model import load_model
-    from kuaida.model.save import save_model
-
-    cfg = PruneConfig(n_layers=layers, depth_method=depth_method, intermediate_size=intermediate_size,
-                      n_kv_heads=kv_heads, n_heads=heads, vocab_from=vocab_from, vocab_min_count=vocab_min_count,
-                      sparsity=sparsity, two_four=two_four, calib_samples=calib_samples, seed=seed)
-    with err.status(f"loading {model} ..."):
-        loaded = load_model(model)
-    if loaded.backend != "native":
-        raise UnsupportedModelError(f"{model} runs through transformers: kuaida prunes only its native "
-                                    "architectures (llama, qwen2, mistral)")
-    pruned, report = prune(loaded.model, loaded.tokenizer, cfg, progress=True)
-    save_model(pruned, loaded.tokenizer, out_dir, overwrite=overwrite,
-               extra={"history": [{"step": "prune", "source": model, **report}]})
-    Console().print(report_table(report))
-    typer.echo(f"saved to {out_dir}")
-
-
-
-@bench_app.command("kb")
-@user_errors
-def bench_kb(
-    model: Optional[list[str]] = typer.Option(None, "--model", help=MODEL_HELP + " Repeat to compare models "
-                                              "(default: default)."),
-    dtype: str = typer.Option("int8", help=DTYPE_HELP),
-    k: int = typer.Option(3, "--k", help="Passages retrieved into a grounded prompt."),
-    questions: Optional[int] = typer.Option(None, help="Only the first N sample questions (a quick run)."),
-    scale_chunks: int = typer.Option(10_000, help="Grow the base to this many chunks for the scale test "
-                                     "(perturbed copies of the sample, really ingested); 0 skips it."),
-    max_new_tokens: int = typer.Option(96, help="Longest reply, in tokens (greedy)."),
-    conversations: int = typer.Option(5, help="3-turn conversations timed for TTFT with and without retrieval."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
-    md_path: Optional[Path] = typer.Option(None, "--md", help="Write the tables as Markdown here."),
-):
-    """Knowledge base on the shipped sample (a smart-home hub's manual and FAQ): ingest chunks/s, retrieval
-    recall@1/3/5 per search mode, search latency at scale, answers with and without the base, and time
-    to first token with retrieval. Takes ~15 minutes on 2 cores with the defaults.
-    """
-    from kuaida.bench.kb import COLUMNS, TITLE, KbBenchConfig, kb_markdown, run_kb
-    from kuaida.bench.report import rich_table, write_json
-
-    config = KbBenchConfig(models=tuple(model or ["default"]), dtype=dtype, k=k, questions=questions,
-                           scale_chunks=scale_chunks, max_new_tokens=max_new_tokens,
-                           ttft_conversations=conversations)
-    report = run_kb(config, progress=True)
-    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(report, COLUMNS, TITLE))
-    for key, target in report["targets"].items():
-        err.print(f"{key}: {target['value']} (target {target['target']}; met: {target['met']})",
-                  highlight=False)
-    if json_path:
-        write_json(report, json_path)
-    if md_path:
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(kb_markdown(report))
 
 if __name__ == "__main__":
     app()

@@ -28,10 +28,25 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir, tmp_path_factory):
+def kb_dir(tmp_path_factory):
+    """A knowledge base "hub" of two one-line documents (real embedding model)."""
+    from kuaida.knowledge import create_kb
+
+    root = tmp_path_factory.mktemp("kb")
+    (root / "docs").mkdir()
+    # Short: the tiny test model has a 256-token context (and its tokenizer makes a token of ~1 character).
+    (root / "docs" / "reset.txt").write_text("Reset: hold 12 seconds.")
+    (root / "docs" / "price.txt").write_text("Price: 129 euros.")
+    with create_kb("hub", root=root) as kb:
+        kb.add([root / "docs"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory, kb_dir):
     port = free_port()
     cmd = [sys.executable, "-m", "kuaida.cli", "serve", str(tiny_llama_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "fp32", "--api-key", API_KEY]
+           "--port", str(port), "--dtype", "fp32", "--api-key", API_KEY, "--kb-dir", str(kb_dir)]
     with serving("kuaida serve (tiny)", cmd, port, "/health", tmp_path_factory.mktemp("server"),
                  ready_timeout_s=120) as target:
         yield target.url
@@ -138,3 +153,15 @@ def test_markup_stays_text_and_new_conversation_starts_over(page):
     assert page.locator(".msg").count() == 0
     send(page, "A new start")
     assert posts.count("v1/sessions") == 2
+
+
+def test_knowledge_base_sources_are_shown(page):
+    settings(page, **{"api-key": API_KEY, "max-tokens": "4", "kb": "hub", "system": ""})
+    page.click("#new-chat")
+    meta = send(page, "Reset how?")
+    assert "TTFT" in meta, page.inner_text("#error")
+    summary = page.locator(f"{REPLY} .sources summary").last.inner_text()
+    assert summary.startswith("Sources (2)") and "docs/reset.txt#1" in summary
+    page.locator(f"{REPLY} .sources summary").last.click()
+    assert "12 seconds" in page.locator(f"{REPLY} .sources li").first.inner_text()
+    assert page.locator("#error").is_hidden()

@@ -18,6 +18,7 @@ from typing import Callable
 from jinja2 import TemplateError
 
 from kuaida.dialogue.history import fit_history, kept_messages
+from kuaida.dialogue.retrieval import Grounding
 from kuaida.dialogue.store import Session, SessionStore
 from kuaida.errors import InvalidArgumentError
 
@@ -29,6 +30,7 @@ class TurnPlan:
     prompt_ids: list[int]
     dropped: int  # oldest messages left out of the prompt (see kuaida.dialogue.history)
     messages: list[dict]  # what the prompt was rendered from: the kept messages, ending with the user's
+    grounding: Grounding | None = None  # the knowledge-base passages in the prompt, when the turn has a base
 
 
 class DialogueManager:
@@ -50,8 +52,12 @@ class DialogueManager:
             raise InvalidArgumentError(f"max_new_tokens is {max_new_tokens!r}; use a positive integer")
         return max(self.max_context - max_new_tokens, self.max_context // 2)
 
-    def prepare_turn(self, session: Session, user_text: str, max_new_tokens: int) -> TurnPlan:
+    def prepare_turn(self, session: Session, user_text: str, max_new_tokens: int,
+                     ground: Callable[[list[dict]], Grounding] | None = None) -> TurnPlan:
         """Store the user's message and build the prompt for the reply.
+
+        `ground` (a session with a knowledge base) puts retrieved passages into the system message
+        before the history is fitted, so the oldest turns make room for them.
 
         The prompt is built first, so a message that could never fit (ContextLengthError) is refused
         without being stored and cannot wedge the session; otherwise the user turn is durable before
@@ -59,12 +65,16 @@ class DialogueManager:
         if not isinstance(user_text, str) or not user_text.strip():
             raise InvalidArgumentError("the user message must be a non-empty string")
         messages = self.messages(session) + [{"role": "user", "content": user_text}]
+        grounding = ground(messages) if ground else None
+        if grounding is not None:
+            messages = grounding.messages
         prompt_ids, dropped = fit_history(self._render, messages, self.prompt_budget(max_new_tokens))
         self.store.append(session.id, "user", user_text)
         if dropped:
             log.info("session %s: %d oldest messages left out of the prompt (%d tokens)",
                      session.id, dropped, len(prompt_ids))
-        return TurnPlan(prompt_ids=prompt_ids, dropped=dropped, messages=kept_messages(messages, dropped))
+        return TurnPlan(prompt_ids=prompt_ids, dropped=dropped, messages=kept_messages(messages, dropped),
+                        grounding=grounding)
 
     def finish_turn(self, session: Session, reply_text: str, meta: dict) -> None:
         """Store the assistant's reply with its meta (usage, timings, finish_reason)."""

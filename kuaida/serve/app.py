@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kuaida.dialogue.retrieval import Retriever
 from kuaida.dialogue.store import SessionStore
 from kuaida.dialogue.template import end_of_turn_ids
 from kuaida.engine.scheduler import Scheduler
@@ -29,6 +30,7 @@ from kuaida.errors import (
     BusyError,
     ContextLengthError,
     InvalidArgumentError,
+    KnowledgeBaseNotFoundError,
     KuaidaError,
     SessionNotFoundError,
 )
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 ERROR_MAP = [
     (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
     (SessionNotFoundError, 404, "not_found_error", "session_not_found"),
+    (KnowledgeBaseNotFoundError, 404, "not_found_error", "knowledge_base_not_found"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
     (BusyError, 429, "rate_limit_error", "rate_limit_exceeded"),
     (InvalidArgumentError, 400, "invalid_request_error", "invalid_value"),
@@ -66,6 +69,8 @@ class ServerConfig:
     default_max_tokens: int = 512  # reply length when a request does not say
     shutdown_timeout: float = 10.0  # seconds in-flight replies get to finish on SIGINT/SIGTERM
     prefix_cache: bool = True  # False: prefill every prompt whole (the baseline `kuaida bench load` compares)
+    kb_dir: Path | None = None  # knowledge bases requests may name; None: $KUAIDA_KB_DIR or kb_root()
+    knowledge_bases: tuple[str, ...] = ()  # opened (with the embedding model) at start-up: no cold first query
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_context": self.max_context >= 2,
@@ -103,6 +108,9 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
                           enable_prefix_cache=config.prefix_cache)
     store = SessionStore(config.db_path)
     metrics = ServerMetrics(scheduler)
+    retriever = Retriever(config.kb_dir)
+    for name in config.knowledge_bases:
+        retriever.warm(name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,12 +120,13 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
         finally:  # uvicorn has let in-flight responses finish (or cancelled them) by now
             await asyncio.to_thread(scheduler.stop, config.shutdown_timeout)
             store.close()
+            retriever.close()
 
     app = FastAPI(title="kuaida", summary="OpenAI-compatible chat server with server-side sessions",
                   version="0.1.0", lifespan=lifespan)
     app.state.config, app.state.metrics = config, metrics
     app.state.serving = OpenAIServing(scheduler, loaded.tokenizer, store, metrics, config.model_id,
-                                      config.default_max_tokens)
+                                      config.default_max_tokens, retriever)
     app.include_router(open_routes)
     app.include_router(v1)
     install_error_handlers(app, metrics)

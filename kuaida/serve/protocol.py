@@ -94,8 +94,16 @@ class ResponseFormat(Strict):
     type: Literal["text"] = Field(description="Only plain text: JSON modes are not supported.")
 
 
+class KnowledgeOptions(Strict):
+    """kuaida extra: answer from a knowledge base (`kuaida kb create/add`)."""
+
+    base: str = Field(min_length=1, max_length=64, description="The knowledge base's name.")
+    k: int = Field(3, ge=1, le=16, description="Passages put into the prompt.")
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    knowledge: KnowledgeOptions | None = None  # kuaida extra
     model: str = Field(description="Any name: the server answers with the one model it has loaded.")
     frequency_penalty: float | None = Field(None, description="Only 0 (use repetition_penalty).")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
@@ -124,6 +132,16 @@ class Usage(BaseModel):
     prompt_tokens_details: dict[str, int] = Field(description="cached_tokens: prompt tokens from the cache.")
 
 
+class SourcePassage(BaseModel):
+    """kuaida extra: a knowledge-base passage that was in the prompt; the reply cites it as [id]."""
+
+    id: str
+    doc: str
+    heading: str
+    text: str
+    score: float
+
+
 class KuaidaStats(BaseModel):
     """kuaida extra: how this reply was served."""
 
@@ -132,6 +150,8 @@ class KuaidaStats(BaseModel):
     tokens_per_s: float = Field(description="Decode speed after the first token.")
     cached_tokens: int = Field(description="Prompt tokens reused from the KV cache instead of prefilled.")
     dropped_messages: int = Field(0, description="Sessions only: oldest messages left out of the prompt.")
+    retrieval_ms: float | None = Field(None, description="Knowledge-base search time, with a base.")
+    sources: list[SourcePassage] | None = Field(None, description="The passages in the prompt, with a base.")
 
 
 class AssistantMessage(BaseModel):
@@ -215,6 +235,7 @@ class SessionOptions(SamplingFields):
 class SessionCreateRequest(Strict):
     system: Text | None = Field(None, description="System prompt (persona) for the whole conversation.")
     options: SessionOptions | None = None
+    knowledge: KnowledgeOptions | None = None  # kuaida extra: every turn answers from this base
 
 
 class SessionObject(BaseModel):
@@ -223,6 +244,7 @@ class SessionObject(BaseModel):
     created: int
     system: str | None
     options: dict[str, Any]
+    knowledge: KnowledgeOptions | None = None  # kuaida extra
 
 
 class SessionMessageRequest(SamplingFields):

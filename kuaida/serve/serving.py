@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from kuaida.dialogue.manager import DialogueManager
+from kuaida.dialogue.manager import DialogueManager, TurnPlan
+from kuaida.dialogue.retrieval import Grounding, Retriever
 from kuaida.dialogue.store import Session, SessionStore
 from kuaida.dialogue.template import render_prompt
 from kuaida.engine.sampling import SamplingParams
@@ -39,6 +40,7 @@ from kuaida.serve.protocol import (
     Delta,
     ErrorBody,
     ErrorResponse,
+    KnowledgeOptions,
     KuaidaStats,
     ModelCard,
     ModelList,
@@ -49,6 +51,7 @@ from kuaida.serve.protocol import (
     SessionMessageRequest,
     SessionObject,
     SessionOptions,
+    SourcePassage,
     StoredTurn,
     Usage,
 )
@@ -128,16 +131,32 @@ def usage(stats: GenerationStats) -> Usage:
                  prompt_tokens_details={"cached_tokens": stats.cached_tokens})
 
 
-def kuaida_stats(stats: GenerationStats, dropped: int = 0) -> KuaidaStats:
+def kuaida_stats(stats: GenerationStats, dropped: int = 0, grounding: Grounding | None = None) -> KuaidaStats:
+    knowledge = {}
+    if grounding is not None:
+        knowledge = {"retrieval_ms": round(grounding.seconds * 1000, 2),
+                     "sources": [SourcePassage(id=p.id, doc=p.doc, heading=p.heading, text=p.text,
+                                               score=round(p.score, 6)) for p in grounding.passages]}
     return KuaidaStats(ttft_ms=round(stats.ttft_s * 1000, 2), queue_ms=round(stats.queue_s * 1000, 2),
                        tokens_per_s=round(stats.decode_tok_s, 2), cached_tokens=stats.cached_tokens,
-                       dropped_messages=dropped)
+                       dropped_messages=dropped, **knowledge)
+
+
+KNOWLEDGE_KEY = "knowledge"  # where a session's knowledge base is kept among its stored options
+
+
+def split_options(options: dict) -> tuple[dict, KnowledgeOptions | None]:
+    """A session's stored options -> (sampling defaults, knowledge base)."""
+    sampling = {k: v for k, v in options.items() if k != KNOWLEDGE_KEY}
+    knowledge = options.get(KNOWLEDGE_KEY)
+    return sampling, KnowledgeOptions(**knowledge) if knowledge else None
 
 
 class OpenAIServing:
     def __init__(self, scheduler: Scheduler, tokenizer, store: SessionStore, metrics: ServerMetrics,
-                 model_id: str, default_max_tokens: int) -> None:
+                 model_id: str, default_max_tokens: int, retriever: Retriever | None = None) -> None:
         self.scheduler, self.tokenizer, self.store, self.metrics = scheduler, tokenizer, store, metrics
+        self.retriever = retriever or Retriever()
         self.model_id, self.created = model_id, int(time.time())
         self.defaults = {"max_new_tokens": default_max_tokens}
         self.manager = DialogueManager(store, partial(render_prompt, tokenizer), scheduler.max_context)
@@ -162,7 +181,8 @@ class OpenAIServing:
             generation.close()
 
     async def _events(self, generation: Generation, rid: str, include_usage: bool, dropped: int = 0,
-                      on_done: OnDone | None = None) -> AsyncIterator[str]:
+                      on_done: OnDone | None = None,
+                      grounding: Grounding | None = None) -> AsyncIterator[str]:
         """The SSE body as OpenAI sends it: a role chunk, content deltas, a finish chunk, [usage], [DONE]."""
         chunk = partial(ChatCompletionChunk, id=rid, created=generation.created, model=self.model_id)
         yield event(chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))]))
@@ -179,7 +199,7 @@ class OpenAIServing:
         if on_done:
             await on_done("".join(parts), stats)
         yield event(chunk(choices=[ChunkChoice(delta=Delta(), finish_reason=finish_reason(stats))],
-                          kuaida=kuaida_stats(stats, dropped)))
+                          kuaida=kuaida_stats(stats, dropped, grounding)))
         if include_usage:
             yield event(chunk(choices=[], usage=usage(stats)))
         yield DONE_EVENT
@@ -188,37 +208,49 @@ class OpenAIServing:
     async def chat_completion(self, req: ChatCompletionRequest,
                               request: Request) -> ChatCompletion | EventStream:
         params = req.sampling(self.defaults)
+        messages, grounding = [m.plain() for m in req.messages], None
+        if req.knowledge:
+            grounding = await asyncio.to_thread(self.retriever.ground, messages, req.knowledge.base,
+                                                req.knowledge.k)
+            messages = grounding.messages
         # Rendering is deterministic (same messages -> same ids), so a client resending its history
         # shares a token prefix with its last request and the scheduler reuses that KV cache.
-        prompt_ids = await asyncio.to_thread(render_prompt, self.tokenizer, [m.plain() for m in req.messages])
+        prompt_ids = await asyncio.to_thread(render_prompt, self.tokenizer, messages)
         generation = self._submit(prompt_ids, params)
         rid = "chatcmpl-" + secrets.token_hex(12)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(self._events(generation, rid, include_usage), generation)
+            return EventStream(self._events(generation, rid, include_usage, grounding=grounding), generation)
         text = await self._collect(generation, request)
         stats = generation.stream.stats
         return ChatCompletion(id=rid, created=generation.created, model=self.model_id,
                               choices=[Choice(message=AssistantMessage(content=text),
                                               finish_reason=finish_reason(stats))],
-                              usage=usage(stats), kuaida=kuaida_stats(stats))
+                              usage=usage(stats), kuaida=kuaida_stats(stats, grounding=grounding))
 
     # -- /v1/sessions --------------------------------------------------------------------------------
     async def create_session(self, req: SessionCreateRequest, owner: str | None) -> SessionObject:
         options = req.options.options() if req.options else {}
         if req.options:
             req.options.sampling(self.defaults)  # refuse bad options now, not at the first message
+        if req.knowledge:
+            await asyncio.to_thread(self.retriever.base, req.knowledge.base)  # a missing base: 404 now
+            options[KNOWLEDGE_KEY] = req.knowledge.model_dump()
         session = await asyncio.to_thread(self.store.create, owner, req.system, options)
-        return SessionObject(id=session.id, created=session.created, system=session.system,
-                             options=session.options)
+        return self._session_object(session)
+
+    @staticmethod
+    def _session_object(session: Session, cls=SessionObject, **more):
+        sampling, knowledge = split_options(session.options)
+        return cls(id=session.id, created=session.created, system=session.system, options=sampling,
+                   knowledge=knowledge, **more)
 
     async def session_history(self, session_id: str, owner: str | None) -> SessionHistory:
         session = await asyncio.to_thread(self.store.get, session_id, owner)
         turns = await asyncio.to_thread(self.store.turns, session.id)
-        return SessionHistory(id=session.id, created=session.created, system=session.system,
-                              options=session.options,
-                              messages=[StoredTurn(role=t["role"], content=t["content"], created=t["created"])
-                                        for t in turns])
+        return self._session_object(
+            session, SessionHistory,
+            messages=[StoredTurn(role=t["role"], content=t["content"], created=t["created"]) for t in turns])
 
     async def delete_session(self, session_id: str, owner: str | None) -> SessionDeleted:
         await asyncio.to_thread(self.store.delete, session_id, owner)
@@ -227,20 +259,23 @@ class OpenAIServing:
     async def session_message(self, session_id: str, req: SessionMessageRequest, owner: str | None,
                               request: Request) -> SessionMessage | EventStream:
         session = await asyncio.to_thread(self.store.get, session_id, owner)
-        session_defaults = SessionOptions(**session.options).sampling(self.defaults)
+        sampling, knowledge = split_options(session.options)
+        session_defaults = SessionOptions(**sampling).sampling(self.defaults)
         params = req.sampling(dataclasses.asdict(session_defaults))
         # One turn at a time per session: a second message waits for the first reply to be stored.
         lock = self._session_locks.setdefault(session.id, asyncio.Lock())
         await lock.acquire()
         try:
-            generation, dropped = await self._start_turn(session, req.content, params)
+            generation, plan = await self._start_turn(session, req.content, params, knowledge)
         except BaseException:
             lock.release()
             raise
-        on_done = partial(self._store_reply, session)
+        dropped, grounding = plan.dropped, plan.grounding
+        on_done = partial(self._store_reply, session, grounding)
         if req.stream:
             return EventStream(self._events(generation, "msg-" + secrets.token_hex(12), include_usage=True,
-                                            dropped=dropped, on_done=on_done), generation, lock.release)
+                                            dropped=dropped, on_done=on_done, grounding=grounding),
+                               generation, lock.release)
         try:
             text = await self._collect(generation, request)
             await on_done(text, generation.stream.stats)
@@ -250,23 +285,27 @@ class OpenAIServing:
         return SessionMessage(id="msg-" + secrets.token_hex(12), created=generation.created,
                               session_id=session.id, model=self.model_id,
                               message=AssistantMessage(content=text), finish_reason=finish_reason(stats),
-                              usage=usage(stats), kuaida=kuaida_stats(stats, dropped))
+                              usage=usage(stats), kuaida=kuaida_stats(stats, dropped, grounding))
 
-    async def _start_turn(self, session: Session, text: str,
-                          params: SamplingParams) -> tuple[Generation, int]:
+    async def _start_turn(self, session: Session, text: str, params: SamplingParams,
+                          knowledge: KnowledgeOptions | None) -> tuple[Generation, TurnPlan]:
         # The user turn is stored before generation starts; refuse a full queue before storing it, so a
         # client retrying after a 429 does not leave the same message twice in the history.
         if self.scheduler.queue_depth >= self.scheduler.max_queue:
             raise BusyError(f"{self.scheduler.queue_depth} requests are already waiting; retry shortly")
-        plan = await asyncio.to_thread(self.manager.prepare_turn, session, text, params.max_new_tokens)
-        return self._submit(plan.prompt_ids, params), plan.dropped
+        ground = partial(self.retriever.ground, base=knowledge.base, k=knowledge.k) if knowledge else None
+        plan = await asyncio.to_thread(self.manager.prepare_turn, session, text, params.max_new_tokens, ground)
+        return self._submit(plan.prompt_ids, params), plan
 
-    async def _store_reply(self, session: Session, text: str, stats: GenerationStats) -> None:
+    async def _store_reply(self, session: Session, grounding: Grounding | None, text: str,
+                           stats: GenerationStats) -> None:
         """Store a reply that ran to its end; a cancelled one is left out (the user turn stays)."""
         if stats.finish_reason not in ("stop", "length"):
             return
         meta = {"finish_reason": stats.finish_reason, "usage": usage(stats).model_dump(),
-                "kuaida": kuaida_stats(stats).model_dump()}
+                "kuaida": kuaida_stats(stats).model_dump(exclude_none=True)}
+        if grounding is not None:
+            meta["sources"] = [p.id for p in grounding.passages]
         try:
             await asyncio.to_thread(self.manager.finish_turn, session, text, meta)
         except SessionNotFoundError:  # deleted while the reply was being generated
