@@ -218,7 +218,7 @@ def _pre_tokenizer(pre: dict[str, Any]) -> str:
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [(p.get("type"), p.get("individual_digits")) for p in parts]
     if kinds == [("ByteLevel", None)]:
-        return "gpt2"
+        return "gpt-2"
     if kinds == [("Digits", True), ("ByteLevel", None)]:
         return "smollm"
     log.warning("pre-tokenizer %s has no known llama.cpp name; writing 'default' (check the tokens)", kinds)
