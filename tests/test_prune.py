@@ -355,3 +355,19 @@ def test_cli_prune_writes_a_loadable_smaller_model(tiny_llama_dir, tmp_path):
     assert config["kuaida"]["history"][0]["steps"][0]["layers_dropped"] == [1]
     bad = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), str(tmp_path / "x"), "--intermediate-size", "100"])
     assert bad.exit_code == 2 and "multiple of 32" in bad.output
+
+
+def test_pruned_model_loads_in_transformers(tiny_tokenizer, tmp_path):
+    """Uniform shapes per layer make a plain Llama config (head_dim no longer dim / n_heads) that
+    transformers runs to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from kuaida.model.save import save_model
+
+    model = tiny(n_layers=3, vocab_size=len(tiny_tokenizer))
+    small = prune_width(prune_depth(model, keep_layers=[0, 2]), calib(), intermediate_size=96, n_kv_heads=1)
+    save_model(small, tiny_tokenizer, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (hf.config.num_hidden_layers, hf.config.num_attention_heads, hf.config.head_dim) == (2, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(X).logits, small(X), rtol=1e-4, atol=1e-4)
