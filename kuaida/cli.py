@@ -484,3 +484,24 @@ def eval_cmd(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("optimize")
+@user_errors
+def optimize_cmd(
+    recipe: str = typer.Argument("default", help="A YAML recipe (see kuaida/recipes/default.yaml), or 'default': "
+                                 "prune 30 -> 16 blocks and the output vocabulary, distill 10 min, int8."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: runs/<recipe name>)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+):
+    """Prune -> distill -> quantize -> evaluate, from a recipe; writes the optimized model (a Hugging Face
+    directory, and a quantized one for `kuaida serve`) and report.{md,json,png}: decode speed against
+    held-out perplexity for the teacher, each step and the result."""
+    from kuaida.optimize import OptimizeConfig, optimize
+
+    cfg = OptimizeConfig.from_yaml(recipe)
+    out = out or Path("runs") / (Path(recipe).stem if recipe != "default" else "default")
+    report = optimize(cfg, out, overwrite=overwrite)
+    for name, t in report["targets"].items():
+        typer.echo(f"{name}: {t['value']} (target {t['target']}): {'met' if t['met'] else 'MISSED'}")
+    typer.echo(f"report: {out / 'report.md'}; model: {out / 'model'}")

@@ -1,0 +1,73 @@
+"""kuaida optimize: the recipe format (the shipped default recipe, typos refused) and the default recipe's
+pipeline end to end on a tiny model: prune -> distill -> quantize -> report, model directories that load."""
+import dataclasses
+import json
+
+import pytest
+
+from kuaida.errors import InvalidArgumentError
+from kuaida.model import load_model
+from kuaida.optimize import OptimizeConfig, from_dict, optimize
+
+
+def test_default_recipe_parses_into_the_configs():
+    cfg = OptimizeConfig.from_yaml("default")
+    assert cfg.teacher == "default" and cfg.prune.n_layers == 16 and cfg.prune.vocab_from == "chitchat"
+    assert cfg.distill.train.budget_s == 600 and cfg.distill.alpha == 0.5 and cfg.quantize.dtype == "int8"
+
+
+def test_recipe_typos_and_bad_values_are_refused(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="unknown field.*n_layer"):
+        from_dict(OptimizeConfig, {"prune": {"n_layer": 3}}, "recipe")
+    with pytest.raises(InvalidArgumentError, match="quantize.dtype"):
+        from_dict(OptimizeConfig, {"quantize": {"dtype": "int3"}}, "recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [1, 2")
+    with pytest.raises(InvalidArgumentError, match="cannot read the recipe"):
+        OptimizeConfig.from_yaml(bad)
+
+
+def tiny_default_recipe(teacher: str, vocab_corpus) -> OptimizeConfig:
+    """The shipped recipe with sizes and budgets scaled down to the tiny model (2 blocks), its output
+    vocabulary from a small JSONL instead of all of chitchat (tokenizing that takes the tiny tokenizer 30 s)."""
+    cfg = OptimizeConfig.from_yaml("default")
+    d = cfg.distill
+    return dataclasses.replace(
+        cfg, teacher=teacher,
+        prune=dataclasses.replace(cfg.prune, n_layers=1, calib_samples=4, calib_seq_len=32,
+                                  vocab_from=str(vocab_corpus)),
+        distill=dataclasses.replace(d, eval_samples=2, data=dataclasses.replace(d.data, max_len=64,
+                                                                               max_conversations=16),
+                                    train=dataclasses.replace(d.train, budget_s=None, steps=3, batch_size=2)),
+        measure=dataclasses.replace(cfg.measure, eval_samples=3, speed_prompts=1, new_tokens=4, rounds=2,
+                                    llamacpp=False, baseline_finetune=True))
+
+
+@pytest.fixture
+def vocab_corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"hello there number {i}"},
+                           {"role": "assistant", "content": "hi! how are you doing today?"}]} for i in range(30)]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_default_recipe_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, vocab_corpus):
+    recipe = tiny_default_recipe(str(tiny_llama_dir), vocab_corpus)
+    report = optimize(recipe, tmp_path / "run", progress=False)
+    steps = {r["step"]: r for r in report["steps"]}
+    assert list(steps) == ["teacher", "pruned", "pruned + fine-tuned (CE only, baseline)", "distilled"]
+    assert steps["teacher"]["n_layers"] == 2 and steps["pruned"]["n_layers"] == steps["distilled"]["n_layers"] == 1
+    assert steps["pruned"]["output_size"] < steps["teacher"]["output_size"] and steps["distilled"]["distill"]["steps"] == 3
+    for name in ("teacher", "pruned", "distilled"):
+        assert steps[name]["decode_tok_s"] > 0 and len(steps[name]["decode_rounds"]) == 2
+    assert set(report["targets"]) == {"speedup_vs_teacher", "perplexity_vs_teacher", "distill_beats_finetune"}
+    out = tmp_path / "run"
+    assert json.loads((out / "report.json").read_text())["targets"] == report["targets"]
+    md = (out / "report.md").read_text()
+    assert "| distilled | 1 |" in md and "speedup_vs_teacher" in md
+    assert (out / "report.png").stat().st_size > 10_000
+    hf, q = load_model(str(out / "model")), load_model(str(out / "model-int8"))
+    assert hf.args.n_layers == q.args.n_layers == 1 and q.quantization["dtype"] == "int8"
+    with pytest.raises(InvalidArgumentError, match="not empty"):
+        optimize(recipe, out, progress=False)
