@@ -192,7 +192,7 @@ class _Run:
     def loop(self, loss_fn: LossFn, batches_iter: Iterator) -> tuple[dict[str, float], str]:
         cfg, st = self.cfg, self.state
         metrics: dict[str, float] = {}
-        base_elapsed, stopped_by = st.elapsed, "steps"
+        base_elapsed = st.elapsed
         with _progress(self.show, cfg) as bar:
             task = bar.add_task("training", total=cfg.steps or cfg.budget_s, loss=float("nan"), tps=0.0)
             while not self._done():
@@ -205,25 +205,25 @@ class _Run:
                 st.losses.append(loss)
                 self.run_tokens += tokens
                 now = time.perf_counter()
-                # rank 0's clock decides: [elapsed, stop, checkpoint] are broadcast so every rank agrees
-                flags = D.broadcast(torch.tensor(
+                # rank 0's clock decides: [elapsed, checkpoint now?] broadcast, so every rank agrees
+                elapsed, save = D.broadcast(torch.tensor(
                     [base_elapsed + now - self.run_start,
-                     float(cfg.budget_s is not None and base_elapsed + now - self.run_start >= cfg.budget_s),
                      float(bool(cfg.checkpoint_dir) and now - self.last_save >= cfg.checkpoint_every_s)],
                     dtype=torch.float64, device=self.info.device)).tolist()
-                st.elapsed = flags[0]
+                st.elapsed = elapsed
                 self.tokens_per_s = self.run_tokens / max(1e-9, now - self.run_start)
                 self._report(bar, task, loss, lr, metrics)
-                if flags[1]:
-                    stopped_by = "budget"
-                    break
-                if flags[2]:
+                if save and not self._done():  # the end writes its own checkpoint
                     save_checkpoint(Path(cfg.checkpoint_dir), self.model, self.optimizer, st)
                     self.last_save = time.perf_counter()
-        return metrics, stopped_by
+        spent = cfg.budget_s is not None and st.elapsed >= cfg.budget_s
+        return metrics, "budget" if spent else "steps"
 
     def _done(self) -> bool:
-        return self.cfg.steps is not None and self.state.step >= self.cfg.steps
+        """Steps done, or (after a resume) the budget already spent; the same answer on every rank."""
+        cfg, st = self.cfg, self.state
+        return (cfg.steps is not None and st.step >= cfg.steps) or \
+            (cfg.budget_s is not None and st.elapsed >= cfg.budget_s)
 
     def step(self, loss_fn: LossFn, batch) -> tuple[float, int, int, dict[str, float]]:
         """One optimizer step on this rank's share of the global batch, in micro-batches.
