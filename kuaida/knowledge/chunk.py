@@ -8,6 +8,20 @@ also part of what is embedded and keyword-indexed (`indexed_text`). The heading'
 the model's 256-token window, so a section under a long heading gets a shorter body budget: nothing is
 ever truncated silently by the model. Chunk ends prefer a sentence end in the last quarter of the
 window, else a word boundary (never inside a word). A FAQ pair is one chunk, whatever its length.
+
+Defaults (128 tokens, 24 overlap), measured on the homehub sample (61 questions, a hit = the expected
+fact in a returned passage), hybrid recall@1 / @3 / @5 and mean body tokens per chunk:
+
+    chunk/overlap   64/12   100/20   128/24   150/30   200/40   254/50
+    recall@1        0.72    0.75     0.80     0.82     0.82     0.85
+    recall@3        0.87    0.90     0.92     0.93     0.93     0.95
+    recall@5        0.92    0.98     0.98     1.00     0.98     1.00
+    mean tokens     52      75       84       -        101      -
+
+Below ~100 tokens a chunk loses the context that makes it findable; from 128 up the differences are one
+or two questions of 61, i.e. noise. What does grow with the size is the grounded prompt: k passages
+are prefilled before the first token, and the default chat model has 2048 tokens of context. And
+all-MiniLM-L6-v2 was trained on sequences of at most 128 tokens. So: 128.
 """
 from __future__ import annotations
 
@@ -25,8 +39,8 @@ _SENTENCE_END = {".", "!", "?", ":", ";"}
 
 @dataclass
 class ChunkConfig:
-    chunk_tokens: int = 200  # body tokens per chunk (heading excluded); <= 254 = the model's window - 2
-    overlap: int = 40  # tokens shared by consecutive chunks of a section
+    chunk_tokens: int = 128  # body tokens per chunk (heading excluded); <= 254 = the model's window - 2
+    overlap: int = 24  # tokens shared by consecutive chunks of a section
 
     def __post_init__(self) -> None:
         if not 16 <= self.chunk_tokens <= MAX_TOKENS - 2:

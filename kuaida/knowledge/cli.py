@@ -39,12 +39,15 @@ def _user_errors(fn):
 @kb_app.command()
 @_user_errors
 def create(name: str = typer.Argument(..., help=NAME_HELP), root: Path | None = ROOT,
-           chunk_tokens: int = typer.Option(200, help="Tokens per chunk (model tokens, at most 254)."),
-           overlap: int = typer.Option(40, help="Tokens repeated between neighbouring chunks.")):
-    """Create an empty knowledge base."""
+           chunk_tokens: int | None = typer.Option(None, help="Tokens per chunk, at most 254 (default 128: "
+                                                   "see kuaida/knowledge/chunk.py for the measurements)."),
+           overlap: int | None = typer.Option(None, help="Tokens repeated between neighbouring chunks (default 24).")):
+    """Create an empty knowledge base (its chunking is fixed at creation)."""
     from kuaida.knowledge import ChunkConfig, create_kb
 
-    with create_kb(name, root, ChunkConfig(chunk_tokens, overlap)) as kb:
+    given = {"chunk_tokens": chunk_tokens, "overlap": overlap}
+    config = ChunkConfig(**{key: value for key, value in given.items() if value is not None})
+    with create_kb(name, root, config) as kb:
         out.print(f"created knowledge base {name!r} at {kb.path}", highlight=False)
 
 
