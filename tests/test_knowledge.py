@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kuaida.cli import app
-from kuaida.errors import InvalidArgumentError, KnowledgeBaseNotFoundError
+from kuaida.errors import InvalidArgumentError, KnowledgeBaseNotFoundError, KuaidaError
 from kuaida.knowledge import ChunkConfig, create_kb, delete_kb, kb_root, list_kbs, open_kb
 from kuaida.knowledge.embed import default_embedder
 from kuaida.knowledge.search import fts_query, rrf
@@ -66,6 +66,8 @@ def test_lifecycle_names_and_errors(tmp_path, monkeypatch):
     assert list_kbs() == ["alpha"]
     with open_kb("alpha", embedder=HashEmbedder()) as kb:
         assert kb.documents() == [] and kb.search("anything") == []
+    with pytest.raises(KuaidaError, match="built with embeddings hash"):
+        open_kb("alpha")  # the default embedder (MiniLM) cannot search vectors of another model
     delete_kb("alpha")
     assert list_kbs() == [] and not list((tmp_path / "env").iterdir())
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kuaida.errors import InvalidArgumentError, KnowledgeBaseNotFoundError
+from kuaida.errors import InvalidArgumentError, KnowledgeBaseNotFoundError, KuaidaError
 from kuaida.knowledge.chunk import ChunkConfig
 from kuaida.knowledge.embed import Embedder, default_embedder
 from kuaida.knowledge.ingest import IngestReport, ingest
@@ -59,6 +59,12 @@ class KnowledgeBase:
     def __init__(self, name: str, store: Store, embedder: Embedder | None = None) -> None:
         self.name, self._store = name, store
         self.embedder = embedder or default_embedder()
+        built_with = (store.meta.get("model"), store.meta.get("dim"))
+        if built_with != (self.embedder.name, str(self.embedder.dim)):
+            store.close()
+            raise KuaidaError(f"knowledge base {name!r} was built with embeddings {built_with[0]} "
+                              f"(dim {built_with[1]}), not {self.embedder.name} (dim {self.embedder.dim}): "
+                              f"its vectors cannot be compared; recreate it and add the documents again")
         self.config = ChunkConfig(int(store.meta["chunk_tokens"]), int(store.meta["overlap"]))
         self._vectors = VectorIndex(store)
 

@@ -146,6 +146,7 @@ def ingest(store: Store, embedder: Embedder, config: ChunkConfig, paths: list[st
         files_task = bar.add_task("files read", total=len(files))
         chunk_task = bar.add_task("chunks embedded", total=None)
         writer = _Writer(store, embedder, report, lambda n: bar.advance(chunk_task, n))
+        chunks = 0
         for name, file in files:
             bar.update(files_task, description=f"files read ({_short(name)})")
             try:
@@ -157,6 +158,8 @@ def ingest(store: Store, embedder: Embedder, config: ChunkConfig, paths: list[st
                 report.failed.append((name, f"cannot read it ({e.strerror or e})"))
                 prepared = None
             if prepared is not None:
+                chunks += len(prepared.chunks)
+                bar.update(chunk_task, total=chunks)  # exact once every file is read
                 writer.add(prepared)
             bar.advance(files_task)
         writer.flush()
