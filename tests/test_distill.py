@@ -120,6 +120,14 @@ def test_distill_reports_perplexity_and_agreement(teacher, data_file):
     assert report["teacher_perplexity"]["perplexity"] > 1.0 and after["perplexity"]["tokens"] > 0
 
 
+def test_distill_without_evaluation(teacher, data_file):
+    cfg = DistillConfig(evaluate=False, train=steps_cfg(1),
+                        data=DataConfig(source=str(data_file), heldout_fraction=0.1, max_len=64))
+    _, report = distill(teacher.model, layer_student(teacher.model, 1), teacher.tokenizer, cfg, progress=False)
+    assert report["before"] is None and report["after"] is None and report["heldout_conversations"] == 0
+    assert report["steps"] == 1
+
+
 def test_gru_student_starts_from_the_teacher_embedding_and_learns(teacher, examples):
     student = gru_student(teacher.model, GRUArgs(vocab_size=teacher.args.vocab_size, dim=32, hidden=32,
                                                  max_seq_len=256))

@@ -57,6 +57,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(budget_s=600.0))
     eval_samples: int | None = 200  # held-out conversations scored before and after (None: all)
+    evaluate: bool = True  # score before and after (a pipeline with its own evaluation step skips it)
 
     def __post_init__(self) -> None:
         DistillLoss(self.alpha, self.temperature, self.kind)  # validates the three
@@ -141,17 +142,18 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer: Any, cfg: Distill
     check_compatible(teacher, student)
     teacher.to(info.device).eval().requires_grad_(False)
     train_set = training_set(teacher, tokenizer, cfg, progress)
-    held = heldout_examples(tokenizer, cfg.data, cfg.eval_samples)
+    scoring = info.is_main and cfg.evaluate
+    held = heldout_examples(tokenizer, cfg.data, cfg.eval_samples) if scoring else []
     log.info("distilling on %d conversations (%s), %d held out", len(train_set),
              "teacher replies" if cfg.sequence_level else cfg.data.source, len(held))
-    teacher_ppl = perplexity(teacher, held, progress=False).to_dict() if info.is_main else None
-    before = evaluate(student, teacher, held) if info.is_main else None
+    teacher_ppl = perplexity(teacher, held, progress=False).to_dict() if scoring else None
+    before = evaluate(student, teacher, held) if scoring else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = batches(train_set, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank, world=info.world,
                    pad_id=pad_id)
     result = train(student, distill_loss_fn(teacher, cfg.loss()), data, cfg.train, progress=progress)
     trained = result.model
-    after = evaluate(trained, teacher, held) if info.is_main else None
+    after = evaluate(trained, teacher, held) if scoring else None
     report = {
         "processes": info.world, "steps": result.steps, "seconds": result.seconds, "tokens": result.tokens,
         "tokens_per_s": result.tokens_per_s, "reply_tokens": result.loss_tokens,
@@ -195,13 +197,14 @@ def distill_and_save(teacher_spec: str, student_spec: str, out_dir: str | Path, 
     log.info("distilling %s into %s", teacher.source, described)
     trained, report = distill(teacher.model, student, teacher.tokenizer, cfg, progress=progress)
     if D.is_main():
-        _save(trained.cpu(), student_tokenizer or teacher.tokenizer, out, overwrite, {"history": [{
-            "step": "distill", "teacher": teacher.source, "student": student_spec, "kind": cfg.kind,
-            "alpha": cfg.alpha, "temperature": cfg.temperature, "sequence_level": cfg.sequence_level,
-            "steps": report["steps"], "data": cfg.data.source,
-            "perplexity_before": report["before"]["perplexity"]["perplexity"],
-            "perplexity_after": report["after"]["perplexity"]["perplexity"],
-            "teacher_perplexity": report["teacher_perplexity"]["perplexity"]}]})
+        history = {"step": "distill", "teacher": teacher.source, "student": student_spec, "kind": cfg.kind,
+                   "alpha": cfg.alpha, "temperature": cfg.temperature, "sequence_level": cfg.sequence_level,
+                   "steps": report["steps"], "data": cfg.data.source}
+        if report["after"] is not None:
+            history.update(perplexity_before=report["before"]["perplexity"]["perplexity"],
+                           perplexity_after=report["after"]["perplexity"]["perplexity"],
+                           teacher_perplexity=report["teacher_perplexity"]["perplexity"])
+        _save(trained.cpu(), student_tokenizer or teacher.tokenizer, out, overwrite, {"history": [history]})
         shutil.rmtree(cfg.train.checkpoint_dir, ignore_errors=True)
     D.barrier()
     return {**report, "student": described, "out_dir": str(out)}
