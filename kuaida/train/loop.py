@@ -128,7 +128,8 @@ def train(model: nn.Module, loss_fn: LossFn, batches_iter: Iterator, cfg: TrainC
           params: list[nn.Parameter] | None = None, progress: bool = True) -> TrainResult:
     """Train `model` in place on batches from `batches_iter` (one per step: this rank's share of the
     global batch, e.g. data.batches(..., rank=r, world=w)). params: the parameters to train (default:
-    those with requires_grad); the rest stay frozen."""
+    those with requires_grad); the rest stay frozen. Use result.model afterwards: under FSDP the model
+    passed in is left sharded, and result.model is a plain copy gathered on rank 0."""
     info = D.init_distributed()
     strategy = D.resolve_strategy(cfg.parallel, info.world)
     micro = _micro_batch(cfg, info.world)
