@@ -222,7 +222,9 @@ def optimize(cfg: OptimizeConfig, out_dir: str | Path, *, overwrite: bool = Fals
         del tuned
 
     t0 = time.perf_counter()
-    student, distill_report = distill(teacher.model, pruned, tok, cfg.distill, progress=progress)
+    # evaluate=False: this pipeline scores every step itself, on its own held-out set.
+    student, distill_report = distill(teacher.model, pruned, tok, dataclasses.replace(cfg.distill, evaluate=False),
+                                      progress=progress)
     student.eval()
     distill_report.pop("losses", None)  # per-step losses: kept in the checkpoint log, not the report
     result_q = quantized_copy(student, cfg.quantize)
