@@ -155,16 +155,20 @@ def required_ids(tokenizer, byte_tokens: bool = True) -> set[int]:
 
 
 def byte_token_ids(tokenizer) -> set[int]:
-    """The 256 single-byte tokens: byte-level BPE symbols (GPT-2, SmolLM, Llama 3, Qwen) or SentencePiece
-    byte fallback (<0x00>..<0xFF>). Empty (logged) for a vocabulary that has neither."""
+    """The single-byte tokens: byte-level BPE symbols (GPT-2, SmolLM, Llama 3, Qwen) or SentencePiece byte
+    fallback (<0x00>..<0xFF>), whichever the vocabulary has. A vocabulary may lack a few: SmolLM2's has 235
+    of 256 (no token for bytes UTF-8 never uses, 0xC0, 0xC1, 0xF5-0xFF, nor for some control and rare
+    4-byte-lead bytes), so the unpruned model cannot produce those either. Empty (logged) when neither."""
     from tokenizers.pre_tokenizers import ByteLevel
 
     vocab = tokenizer.get_vocab()
-    for symbols in (ByteLevel.alphabet(), [f"<0x{b:02X}>" for b in range(256)]):
-        if all(s in vocab for s in symbols):
-            return {vocab[s] for s in symbols}
-    log.warning("the tokenizer has no single-byte tokens: text made of pruned tokens cannot be produced")
-    return set()
+    schemes = [{vocab[s] for s in symbols if s in vocab}
+               for symbols in (ByteLevel.alphabet(), [f"<0x{b:02X}>" for b in range(256)])]
+    ids = max(schemes, key=len)
+    if len(ids) < 128:  # not a byte-level vocabulary
+        log.warning("the tokenizer has no single-byte tokens: text made of pruned tokens cannot be produced")
+        return set()
+    return ids
 
 
 def vocab_from_corpus(tokenizer, corpus: Iterable[str | Sequence[int]], min_count: int = 1,
