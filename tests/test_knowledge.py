@@ -233,3 +233,27 @@ def test_cli_round_trip(tmp_path, docs):
                           (["create", "shop"], "already exists")]:
         result = runner.invoke(app, ["kb", *args, *root])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_duplicate_names_in_one_batch_and_bad_faq_lines_are_reported(kb, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder / "docs").mkdir(parents=True)
+        (tmp_path / folder / "docs" / "same.md").write_text(f"# {folder}\ntext of {folder}")
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text('{"question": "Q1?", "answer": "A1."}\nnot json\n{"question": "Q2?", "answer": "A2."}\n')
+    report = kb.add([tmp_path / "a" / "docs", tmp_path / "b" / "docs", faq])
+    assert report.added == 2 and report.chunks == 3
+    assert any("already named 'docs/same.md'" in why for _, why in report.failed)
+    assert ("faq.jsonl", "line 2: not JSON (Expecting value)") in report.failed
+
+
+def test_the_sqlite_file_is_the_whole_base(kb, docs, tmp_path):
+    kb.add(list(docs))
+    expected = kb.search("reset pinhole", k=2)
+    kb.close()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "moved.sqlite").write_bytes(kb.path.read_bytes())  # closed: the WAL is checkpointed into it
+    with open_kb("moved", root=copy, embedder=HashEmbedder()) as moved:
+        assert moved.search("reset pinhole", k=2) == expected
+        assert moved._store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
