@@ -104,9 +104,11 @@ def test_lora_identity_merge_and_frozen_base(examples):
 
 
 def test_time_budget_stops_the_run(examples):
-    result = train(tiny_model(), lm_loss, batches(examples, 4), TrainConfig(budget_s=0.3, batch_size=4),
+    result = train(tiny_model(), lm_loss, batches(examples, 4), TrainConfig(budget_s=0.5, batch_size=4),
                    progress=False)
-    assert result.stopped_by == "budget" and result.steps >= 1 and result.seconds >= 0.3
+    # stops before a step of the average length would overrun the budget (at least one step is done)
+    assert result.stopped_by == "budget" and result.steps >= 1
+    assert result.seconds > 0.5 - result.seconds / result.steps
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_losses(examples, tmp_path):

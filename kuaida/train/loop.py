@@ -193,7 +193,7 @@ class _Run:
     def loop(self, loss_fn: LossFn, batches_iter: Iterator) -> tuple[dict[str, float], str]:
         cfg, st = self.cfg, self.state
         metrics: dict[str, float] = {}
-        base_elapsed = st.elapsed
+        base_elapsed, start = st.elapsed, st.step
         with _progress(self.show, cfg) as bar:
             task = bar.add_task("training", total=cfg.steps or cfg.budget_s, loss=float("nan"), tps=0.0)
             while not self._done():
@@ -206,19 +206,29 @@ class _Run:
                 st.losses.append(loss)
                 self.run_tokens += tokens
                 now = time.perf_counter()
-                # rank 0's clock decides: [elapsed, checkpoint now?] broadcast, so every rank agrees
-                elapsed, save = D.broadcast(torch.tensor(
-                    [base_elapsed + now - self.run_start,
-                     float(bool(cfg.checkpoint_dir) and now - self.last_save >= cfg.checkpoint_every_s)],
-                    dtype=torch.float64, device=self.info.device)).tolist()
+                elapsed, stop, save = self._decide(base_elapsed, now, st.step - start)
                 st.elapsed = elapsed
                 self.tokens_per_s = self.run_tokens / max(1e-9, now - self.run_start)
                 self._report(bar, task, loss, lr, metrics)
+                if stop:
+                    return metrics, "budget"
                 if save and not self._done():  # the end writes its own checkpoint
                     save_checkpoint(Path(cfg.checkpoint_dir), self.model, self.optimizer, st)
                     self.last_save = time.perf_counter()
-        spent = cfg.budget_s is not None and st.elapsed >= cfg.budget_s
+        spent = cfg.budget_s is not None and st.elapsed >= cfg.budget_s  # resumed with the budget spent
         return metrics, "budget" if spent else "steps"
+
+    def _decide(self, base_elapsed: float, now: float, steps_run: int) -> tuple[float, bool, bool]:
+        """Rank 0's clock decides (broadcast, so every rank agrees): elapsed seconds, stop (another step
+        of the average length would overrun the budget), checkpoint now."""
+        cfg = self.cfg
+        run_s = now - self.run_start
+        elapsed = base_elapsed + run_s
+        stop = cfg.budget_s is not None and elapsed + run_s / max(1, steps_run) > cfg.budget_s
+        save = bool(cfg.checkpoint_dir) and now - self.last_save >= cfg.checkpoint_every_s
+        flags = torch.tensor([elapsed, stop, save], dtype=torch.float64, device=self.info.device)
+        elapsed, stop, save = D.broadcast(flags).tolist()
+        return elapsed, bool(stop), bool(save)
 
     def _done(self) -> bool:
         """Steps done, or (after a resume) the budget already spent; the same answer on every rank."""
