@@ -5,9 +5,9 @@
     for p in kb.search("how do I reset the hub", k=5):   # hybrid: BM25 + vectors, fused by RRF
         print(p.id, p.heading, p.score)
 
-Search cost (10,000 chunks): the query's embedding (~5-8 ms, MiniLM on CPU) dominates; FTS5 and the
-in-memory vector product take about a millisecond each. Passage ids ("setup.md#3": document name, 1-based
-chunk number) are stable until that document changes.
+Search cost at 10,000 chunks, CPU time on one thread (p50 / p95): hybrid 14.7 / 17.9 ms = embedding the
+query 8.5 / 9.5 + BM25 5.7 / 7.2 + the vector product 0.7 / 0.9. Passage ids ("setup.md#3": document
+name, 1-based chunk number) are stable until that document changes.
 """
 from __future__ import annotations
 

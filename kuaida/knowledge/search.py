@@ -1,9 +1,11 @@
 """Rankings: BM25 over FTS5, cosine over an in-memory vector matrix, and their reciprocal rank fusion.
 
 Vector index: brute force, numpy, over a float32 matrix [n_chunks, 384] read from SQLite once and kept
-until the base changes (its `generation` moves). At 10,000 chunks the matrix is 15 MB and one query is
-a 10,000 x 384 matrix-vector product, ~0.3 ms on this CPU: an approximate index (FAISS IVF/HNSW) or
-sqlite-vec would add a dependency and recall loss to save well under a millisecond. Exact search also
+until the base changes (its `generation` moves; reloading 10,000 vectors takes ~60 ms). Measured at
+10,138 chunks, CPU time of one thread per query (p50 / p95): numpy product + top 50 0.74 / 0.88 ms,
+FAISS IndexFlatIP 0.27 / 0.42 ms, against 8.5 ms for embedding the query and 5.7 ms for BM25. FAISS
+would save half a millisecond for a dependency; sqlite-vec cannot even load here (this Python's sqlite3
+has no extension loading); approximate indexes only pay off far beyond 10^5 chunks. Exact search also
 makes results reproducible.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ MODES = ("hybrid", "keyword", "vector")
 RRF_K = 60  # the constant of Cormack et al. (2009): damps the weight of the very first ranks
 
 # Words that match nearly every chunk: they add no BM25 signal (idf ~ 0) but make FTS5 visit and
-# score every row, which dominates query time on a large base.
+# score every row. Leaving them out of the query halves BM25 time at 10,000 chunks (p95 15 -> 7 ms).
 _STOPWORDS = frozenset(
     ["a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "could", "do", "does", "did", "for", "from", "had", "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "me", "my", "no", "not", "of", "on", "or", "our", "so", "than", "that", "the", "their", "them", "then", "there", "these", "they", "this", "to", "was", "we", "were", "what", "when", "where", "which", "who", "why", "will", "with", "would", "you", "your"])
 _WORD = re.compile(r"\w+", re.UNICODE)
