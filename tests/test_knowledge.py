@@ -233,6 +233,10 @@ def test_cli_round_trip(tmp_path, docs):
                           (["create", "shop"], "already exists")]:
         result = runner.invoke(app, ["kb", *args, *root])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert runner.invoke(app, ["kb", "delete", "shop", *root], input="n\n").exit_code == 1  # declined
+    result = runner.invoke(app, ["kb", "delete", "shop", "--yes", *root])
+    assert result.exit_code == 0 and "deleted knowledge base 'shop'" in result.output
+    assert "no knowledge bases yet" in runner.invoke(app, ["kb", "list", *root]).output
 
 
 def test_duplicate_names_in_one_batch_and_bad_faq_lines_are_reported(kb, tmp_path):

@@ -17,11 +17,11 @@ import importlib
 # progress load only when a knowledge-base command runs.
 _EXPORTS = {
     "KnowledgeBase": "base", "Passage": "base", "create_kb": "base", "open_kb": "base", "list_kbs": "base",
-    "delete_kb": "base", "kb_root": "base", "ChunkConfig": "chunk", "IngestReport": "ingest",
+    "delete_kb": "base", "kb_root": "base", "kb_path": "base", "ChunkConfig": "chunk", "IngestReport": "ingest",
     "DocumentInfo": "store",
 }
 __all__ = ["ChunkConfig", "DocumentInfo", "IngestReport", "KnowledgeBase", "Passage", "create_kb",
-           "delete_kb", "kb_root", "list_kbs", "open_kb"]
+           "delete_kb", "kb_path", "kb_root", "list_kbs", "open_kb"]
 
 
 def __getattr__(name: str):

@@ -46,11 +46,17 @@ def kb_root() -> Path:
     return Path(os.environ.get("KUAIDA_KB_DIR") or Path.home() / ".local" / "share" / "kuaida" / "kb")
 
 
-def _path(name: str, root: Path | None) -> Path:
+def kb_path(name: str, root: Path | str | None = None, must_exist: bool = False) -> Path:
+    """<root>/<name>.sqlite (InvalidArgumentError for a bad name; KnowledgeBaseNotFoundError when
+    must_exist and there is no such base)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidArgumentError(f"bad knowledge-base name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
                                    "starting with a letter or digit")
-    return Path(root or kb_root()) / f"{name}{SUFFIX}"
+    path = Path(root or kb_root()) / f"{name}{SUFFIX}"
+    if must_exist and not path.is_file():
+        raise KnowledgeBaseNotFoundError(f"no knowledge base named {name!r} in {path.parent}; "
+                                         f"create it with `kuaida kb create {name}`")
+    return path
 
 
 class KnowledgeBase:
@@ -129,7 +135,7 @@ class KnowledgeBase:
 def create_kb(name: str, root: Path | str | None = None, config: ChunkConfig | None = None,
               embedder: Embedder | None = None) -> KnowledgeBase:
     """A new, empty base (InvalidArgumentError if the name is bad or taken). `config` fixes its chunking."""
-    path = _path(name, Path(root) if root else None)
+    path = kb_path(name, root)
     if path.exists():
         raise InvalidArgumentError(f"knowledge base {name!r} already exists ({path}); add documents to it with "
                                    f"`kuaida kb add {name} PATH`, or pick another name")
@@ -143,11 +149,7 @@ def create_kb(name: str, root: Path | str | None = None, config: ChunkConfig | N
 
 def open_kb(name: str, root: Path | str | None = None, embedder: Embedder | None = None) -> KnowledgeBase:
     """An existing base (KnowledgeBaseNotFoundError, naming it, if there is none)."""
-    path = _path(name, Path(root) if root else None)
-    if not path.is_file():
-        raise KnowledgeBaseNotFoundError(f"no knowledge base named {name!r} in {path.parent}; "
-                                         f"create it with `kuaida kb create {name}`")
-    return KnowledgeBase(name, Store(path), embedder)
+    return KnowledgeBase(name, Store(kb_path(name, root, must_exist=True)), embedder)
 
 
 def list_kbs(root: Path | str | None = None) -> list[str]:
@@ -158,8 +160,6 @@ def list_kbs(root: Path | str | None = None) -> list[str]:
 
 def delete_kb(name: str, root: Path | str | None = None) -> None:
     """Delete a base's file (and its WAL side files). KnowledgeBaseNotFoundError if there is none."""
-    path = _path(name, Path(root) if root else None)
-    if not path.is_file():
-        raise KnowledgeBaseNotFoundError(f"no knowledge base named {name!r} in {path.parent}")
+    path = kb_path(name, root, must_exist=True)
     for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         side.unlink(missing_ok=True)

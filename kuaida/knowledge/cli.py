@@ -111,6 +111,20 @@ def remove(name: str = typer.Argument(..., help=NAME_HELP),
 
 @kb_app.command()
 @_user_errors
+def delete(name: str = typer.Argument(..., help=NAME_HELP), root: Path | None = ROOT,
+           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")):
+    """Delete a whole knowledge base (its SQLite file)."""
+    from kuaida.knowledge import delete_kb, kb_path
+
+    kb_path(name, root, must_exist=True)  # KnowledgeBaseNotFoundError before asking anything
+    if not yes and not typer.confirm(f"delete knowledge base {name!r} and all its documents?"):
+        raise typer.Exit(1)
+    delete_kb(name, root)
+    out.print(f"deleted knowledge base {name!r}", highlight=False)
+
+
+@kb_app.command()
+@_user_errors
 def search(name: str = typer.Argument(..., help=NAME_HELP), query: str = typer.Argument(..., help="The question."),
            k: int = typer.Option(5, "-k", help="Passages to return."),
            mode: str = typer.Option("hybrid", help="hybrid (BM25 + vectors, fused), keyword or vector."),
