@@ -55,10 +55,12 @@ def test_markdown_heading_paths_and_code_fences(tmp_path):
 def test_html_strips_scripts_and_keeps_headings(tmp_path):
     html = ("<html><head><title>T</title><style>p {color: red}</style></head><body>"
             "<h1>Reset</h1><p>Hold the <b>pin</b> &amp; wait.</p><script>alert('x')</script>"
-            "<h2>Factory reset</h2><div>Twelve seconds.</div><h1>Billing</h1><p>Monthly.</p></body></html>")
+            "<h2>Factory reset</h2><div>Twelve seconds.</div><h1>Billing</h1><p>Monthly.</p>"
+            "<table><tr><th>Plan</th><th>Price</th></tr><tr><td>Plus</td><td>$4.99</td></tr></table></body></html>")
     doc = read_document(write(tmp_path, "help.html", html))
     assert [(s.heading, s.text) for s in doc.sections] == [
-        ("Reset", "Hold the pin & wait."), ("Reset > Factory reset", "Twelve seconds."), ("Billing", "Monthly.")]
+        ("Reset", "Hold the pin & wait."), ("Reset > Factory reset", "Twelve seconds."),
+        ("Billing", "Monthly.\n\nPlan | Price\n\nPlus | $4.99")]
 
 
 def test_pdf_one_section_per_page(tmp_path):

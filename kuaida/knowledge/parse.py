@@ -152,6 +152,8 @@ class _HTMLText(HTMLParser):
             self._heading = int(tag[1])
         elif tag in self.BLOCK:
             self._end_line()
+        elif tag in ("td", "th") and self._parts:
+            self._parts.append(" | ")  # table cells on one line, kept apart
 
     def handle_endtag(self, tag):
         if tag in self.SKIP:
