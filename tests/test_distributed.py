@@ -1,9 +1,11 @@
 """Fine-tuning on 2 processes (gloo, CPU) gives the same per-step losses as 1 process with the same
-global batch: DDP, FSDP (fully_shard) and HSDP (a 1 x 2 mesh), and gradient accumulation."""
+global batch: DDP, FSDP (fully_shard) and HSDP (a 1 x 2 mesh), and gradient accumulation. A DDP
+checkpoint resumed under FSDP continues like one process resuming it."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -28,10 +30,11 @@ RUNS = {  # name -> (parallel, micro_batch): each process holds 2 of the 4 seque
 }
 
 
-def config(data: Path, parallel: str, micro_batch: int, checkpoint_dir: str | None = None) -> FinetuneConfig:
+def config(data: Path, parallel: str, micro_batch: int, checkpoint_dir: str | None = None,
+           steps: int = STEPS) -> FinetuneConfig:
     return FinetuneConfig(
         data=DataConfig(source=str(data), heldout_fraction=0.1, max_len=64), eval_samples=2,
-        train=TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, batch_size=4, micro_batch=micro_batch,
+        train=TrainConfig(steps=steps, lr=1e-2, warmup_steps=1, batch_size=4, micro_batch=micro_batch,
                           parallel=parallel, checkpoint_dir=checkpoint_dir))
 
 
@@ -49,6 +52,14 @@ def _worker(rank: int, world: int, port: int, model_dir: str, data: str, out: st
                                             if k == "layers.0.mlp.down_proj.weight"}
         results[name] = {"losses": report["losses"], "state": state,
                          "ppl_after": report["perplexity_after"], "has_model": model is not None}
+        if name == "ddp" and rank == 0:  # kept for the parent's one-process resume
+            shutil.copytree(ckpt, Path(out).parent / "ckpt-ddp-copy")
+    # resume the DDP run's checkpoint under FSDP for one more step (rank 0 reads it, FSDP shards it)
+    loaded = load_model(model_dir)
+    _, report = finetune(loaded.model, loaded.tokenizer,
+                         config(Path(data), "fsdp", 0, str(Path(out).parent / "ckpt-ddp"), steps=STEPS + 1),
+                         progress=False)
+    results["fsdp_resume"] = {"losses": report["losses"], "resumed_from": report["resumed_from"]}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     torch.distributed.destroy_process_group()
@@ -76,6 +87,12 @@ def test_two_processes_match_one(tiny_llama_dir, data_file, tmp_path):
     ref_losses = torch.tensor(ref["losses"])
     ref_weight = ref_model.state_dict()["layers.0.mlp.down_proj.weight"]
     assert ref_losses[-1] < ref_losses[0]
+    resumed = results.pop("fsdp_resume")
+    loaded = load_model(str(tiny_llama_dir))
+    _, single = finetune(loaded.model, loaded.tokenizer,
+                         config(data_file, "none", 0, str(tmp_path / "ckpt-ddp-copy"), steps=STEPS + 1), progress=False)
+    assert resumed["resumed_from"] == single["resumed_from"] == STEPS
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
     for name, got in results.items():
         torch.testing.assert_close(torch.tensor(got["losses"]), ref_losses, rtol=1e-5, atol=0, msg=name)
         assert got["has_model"], f"{name}: rank 0 must get the trained model back"
