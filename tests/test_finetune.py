@@ -182,3 +182,17 @@ def test_durations_and_config_errors():
         TrainConfig(steps=1, parallel="zero3")
     with pytest.raises(InvalidArgumentError, match="method"):
         FinetuneConfig(method="qlora")
+
+
+def test_amp_setting_is_validated_and_bf16_autocast_runs():
+    import torch
+
+    from kuaida.errors import InvalidArgumentError
+    from kuaida.train.loop import TrainConfig
+
+    with pytest.raises(InvalidArgumentError, match="amp"):
+        TrainConfig(steps=1, amp="fp8")
+    with TrainConfig(steps=1, amp="bf16").autocast(torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with TrainConfig(steps=1, amp="none").autocast(torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
