@@ -4,15 +4,17 @@ import hashlib
 import json
 import re
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kuaida.cli import app
 from kuaida.errors import InvalidArgumentError, KnowledgeBaseNotFoundError, KuaidaError
 from kuaida.knowledge import ChunkConfig, create_kb, delete_kb, kb_root, list_kbs, open_kb
-from kuaida.knowledge.embed import default_embedder
+from kuaida.knowledge.embed import SMALL_BATCH, default_embedder
 from kuaida.knowledge.search import fts_query, rrf
 from kuaida.knowledge.store import Store
 
@@ -209,6 +211,20 @@ def test_real_embedder_vectors_are_unit_float32():
     assert vectors.shape == (2, 384) and vectors.dtype == np.float32
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
     assert default_embedder() is default_embedder()  # one model per process
+
+
+def test_queries_embed_on_one_thread_without_changing_other_threads():
+    threads = torch.get_num_threads()
+    embedder = default_embedder()
+    query = embedder.embed(["how do I reset the hub"])  # <= SMALL_BATCH texts: the one-thread worker
+    assert embedder._worker.submit(torch.get_num_threads).result() == 1
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == threads and later == [threads]  # this thread, and threads started later
+    batch = embedder.embed(["how do I reset the hub"] + ["filler text"] * SMALL_BATCH)  # the caller's threads
+    assert np.allclose(batch[0], query[0], atol=1e-3)
 
 
 def test_cli_round_trip(tmp_path, docs):
