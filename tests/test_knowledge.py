@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from kuaida.cli import app
 from kuaida.errors import InvalidArgumentError, KnowledgeBaseNotFoundError, KuaidaError
 from kuaida.knowledge import ChunkConfig, create_kb, delete_kb, kb_root, list_kbs, open_kb
-from kuaida.knowledge.embed import SMALL_BATCH, default_embedder
+from kuaida.knowledge.embed import SMALL_BATCH, default_embedder, on_one_thread
 from kuaida.knowledge.search import fts_query, rrf
 from kuaida.knowledge.store import Store
 
@@ -217,7 +217,7 @@ def test_queries_embed_on_one_thread_without_changing_other_threads():
     threads = torch.get_num_threads()
     embedder = default_embedder()
     query = embedder.embed(["how do I reset the hub"])  # <= SMALL_BATCH texts: the one-thread worker
-    assert embedder._worker.submit(torch.get_num_threads).result() == 1
+    assert on_one_thread(torch.get_num_threads) == 1
     later = []
     thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
     thread.start()

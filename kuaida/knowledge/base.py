@@ -5,9 +5,10 @@
     for p in kb.search("how do I reset the hub", k=5):   # hybrid: BM25 + vectors, fused by RRF
         print(p.id, p.heading, p.score)
 
-Search cost at 10,000 chunks, CPU time on one thread (p50 / p95): hybrid 14.7 / 17.9 ms = embedding the
-query 8.5 / 9.5 + BM25 5.7 / 7.2 + the vector product 0.7 / 0.9. Passage ids ("setup.md#3": document
-name, 1-based chunk number) are stable until that document changes.
+Search cost at 10,138 chunks (p50 / p95), CPU time: hybrid 15.2 / 18.1 ms = embedding the query 7.7 /
+8.6 + BM25 5.9 / 7.5 + the vector product 1.5 / 1.7; wall time on this 2-core machine shared with ~7
+other busy processes (load ~7): hybrid 28 / 37 ms, keyword 11 / 19, vector 17 / 23. Passage ids
+("setup.md#3": document name, 1-based chunk number) are stable until that document changes.
 """
 from __future__ import annotations
 

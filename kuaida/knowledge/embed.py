@@ -22,8 +22,10 @@ import importlib.util
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,6 +38,7 @@ MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json), [CLS] and [SEP] included
 PRECISIONS = ("auto", "fp32", "bf16")
+T = TypeVar("T")
 
 
 def model_dir() -> Path:
@@ -68,14 +71,12 @@ def _native_bf16() -> bool:
     return bf16_gemm_is_fast()
 
 
-# Up to this many texts (a query) are embedded on a single-threaded worker. A query is ~15 tokens: two
-# threads gain ~nothing on matrices that small but meet at a barrier in every op, and when the other core
-# is busy (a reply being decoded, another process) each barrier waits for a time slice. Measured on this
-# machine while shared: query embedding p50 720 ms with 2 threads, 8.5 ms of CPU with one.
+# Up to this many texts (a query) are embedded on the one-thread worker (see on_one_thread).
 SMALL_BATCH = 4
 
 
-def _single_threaded_worker() -> ThreadPoolExecutor:
+@functools.cache
+def _one_thread_worker() -> ThreadPoolExecutor:
     """A one-thread executor whose torch ops run on one intra-op thread, leaving every other thread's
     setting as it was. ATen keeps the count per thread, plus a process default that threads created
     later start from; torch.set_num_threads sets both, so the default is put back afterwards."""
@@ -87,10 +88,19 @@ def _single_threaded_worker() -> ThreadPoolExecutor:
         torch.get_num_threads()  # initialize this thread's count before changing it
         torch.set_num_threads(1)
 
-    worker = ThreadPoolExecutor(1, thread_name_prefix="kuaida-embed", initializer=one_thread)
+    worker = ThreadPoolExecutor(1, thread_name_prefix="kuaida-one-thread", initializer=one_thread)
     worker.submit(lambda: None).result()
     torch.set_num_threads(default)
     return worker
+
+
+def on_one_thread(fn: Callable[..., T], *args) -> T:
+    """fn(*args) on a worker thread whose torch ops use one thread. For the small ops of a search (embed
+    a ~15-token query, a 10,000 x 384 matrix-vector product): two threads gain ~nothing on work that
+    small but meet at a barrier in every op, and when the other core is busy (a reply being decoded,
+    another process) each barrier waits for a time slice. Measured on this machine while shared: query
+    embedding p50 720-990 ms on 2 threads, 16 ms on one (8.5 ms of CPU)."""
+    return _one_thread_worker().submit(fn, *args).result()
 
 
 class Embedder:
@@ -107,7 +117,6 @@ class Embedder:
             raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
         self.precision, self.batch_size = precision, batch_size
         self._model = None
-        self._worker: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     @property
@@ -152,12 +161,7 @@ class Embedder:
         A few texts (a query) run on one thread, a batch on torch's threads (see SMALL_BATCH)."""
         if not texts:
             return np.zeros((0, DIM), dtype=np.float32)
-        if len(texts) <= SMALL_BATCH:
-            with self._lock:
-                self._worker = self._worker or _single_threaded_worker()
-            out = self._worker.submit(self._encode, list(texts)).result()
-        else:
-            out = self._encode(list(texts))
+        out = on_one_thread(self._encode, list(texts)) if len(texts) <= SMALL_BATCH else self._encode(list(texts))
         vectors = out.float().numpy()  # [n, 384]; a bf16 norm would be off by ~1e-3
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 

@@ -2,11 +2,12 @@
 
 Vector index: brute force, numpy, over a float32 matrix [n_chunks, 384] read from SQLite once and kept
 until the base changes (its `generation` moves; reloading 10,000 vectors takes ~60 ms). Measured at
-10,138 chunks, CPU time of one thread per query (p50 / p95): numpy product + top 50 0.74 / 0.88 ms,
-FAISS IndexFlatIP 0.27 / 0.42 ms, against 8.5 ms for embedding the query and 5.7 ms for BM25. FAISS
-would save half a millisecond for a dependency; sqlite-vec cannot even load here (this Python's sqlite3
-has no extension loading); approximate indexes only pay off far beyond 10^5 chunks. Exact search also
-makes results reproducible.
+10,138 chunks, CPU time per query (p50 / p95): product + top 50 0.7 / 0.9 ms (numpy), 1.5 / 1.7 ms
+(torch on the one-thread worker, used for its wall time on a busy machine: see on_one_thread), FAISS
+IndexFlatIP 0.2 / 0.3 ms, against 7.7 ms for embedding the query and 5.9 ms for BM25. FAISS would save
+a millisecond for a dependency; sqlite-vec cannot even load here (this Python's sqlite3 has no
+extension loading); approximate indexes only pay off far beyond 10^5 chunks. Exact search also makes
+results reproducible.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import re
 import threading
 
 import numpy as np
+import torch
 
+from kuaida.knowledge.embed import on_one_thread
 from kuaida.knowledge.store import Store
 
 MODES = ("hybrid", "keyword", "vector")
@@ -54,11 +57,12 @@ class VectorIndex:
         self._lock = threading.Lock()
         self._generation = -1
         self._ids = np.zeros(0, dtype=np.int64)
-        self._matrix = np.zeros((0, int(store.meta["dim"])), dtype=np.float32)
+        self._matrix = torch.zeros(0, int(store.meta["dim"]))
 
     def _refresh(self) -> None:
         if self.store.generation() != self._generation:
-            self._generation, self._ids, self._matrix = self.store.vectors()
+            self._generation, self._ids, matrix = self.store.vectors()
+            self._matrix = torch.from_numpy(matrix)  # shares the numpy buffer
 
     def top(self, query: np.ndarray, n: int) -> list[tuple[int, float]]:
         """query float32 [dim] -> [(chunk id, cosine)], best first, at most n."""
@@ -67,7 +71,9 @@ class VectorIndex:
             ids, matrix = self._ids, self._matrix
         if not len(ids):
             return []
-        scores = matrix @ query  # [n_chunks]
+        # [n_chunks] = [n_chunks, dim] @ [dim]; torch on one thread, not numpy's BLAS threads (see
+        # on_one_thread): 0.7 ms of CPU either way, but 10 ms wall with BLAS threads on a busy machine.
+        scores = on_one_thread(torch.mv, matrix, torch.from_numpy(query)).numpy()
         n = min(n, len(ids))
         best = np.argpartition(-scores, n - 1)[:n]
         best = best[np.argsort(-scores[best], kind="stable")]

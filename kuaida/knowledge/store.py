@@ -158,7 +158,8 @@ class Store:
             rows = self._conn.execute("SELECT id, vector FROM chunks ORDER BY id").fetchall()
         dim = int(self.meta["dim"])
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        # copy(): frombuffer over bytes is read-only, which torch.from_numpy warns about (~3 ms for 10k rows).
+        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim).copy()
         return gen, ids, matrix
 
     def keyword(self, fts_query: str, limit: int) -> list[tuple[int, float]]:
