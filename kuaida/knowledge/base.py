@@ -9,8 +9,9 @@ Search cost at 10,138 chunks (p50 / p95), CPU time: hybrid 15.2 / 18.1 ms = embe
 8.6 + BM25 5.9 / 7.5 + the vector product 1.5 / 1.7; wall time on this 2-core machine shared with ~7
 other busy processes (load 7-8): hybrid 25-28 / 37-40 ms, keyword 9-11 / 15-19, vector 15-17 / 19-23.
 Hybrid runs BM25 on a second thread while the query is embedded, which saves its ~6 ms when a core is
-free (on the busy machine none was). Passage ids
-("setup.md#3": document name, 1-based chunk number) are stable until that document changes.
+free (on the busy machine none was).
+
+Passage ids ("setup.md#3": document name, 1-based chunk number) are stable until that document changes.
 """
 from __future__ import annotations
 
