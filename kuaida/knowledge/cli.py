@@ -58,8 +58,7 @@ def add(name: str = typer.Argument(..., help=NAME_HELP),
         root: Path | None = ROOT):
     """Add documents (a changed document replaces its old version; an unchanged one is skipped).
 
-    Files that cannot be read are listed with the reason; the others are still added. Exit status 1 when
-    some failed.
+    Files that cannot be used are listed with the reason, the others still added; exit status 1 then.
     """
     from kuaida.knowledge import open_kb
 
