@@ -367,6 +367,8 @@ def prune_cmd(
     vocab_min_count: int = typer.Option(1, help="Occurrences a token needs to stay in the output vocabulary."),
     sparsity: float = typer.Option(0.0, help="Unstructured magnitude sparsity: zeros only, no CPU speed-up."),
     two_four: bool = typer.Option(False, "--two-four", help="2:4 sparsity: zeros only, no CPU speed-up."),
+    calib_from: str = typer.Option("chitchat", help="Calibration conversations: 'chitchat' or a JSONL of "
+                                   "{\"messages\": [...]} (training split)."),
     calib_samples: int = typer.Option(64, help="Calibration conversations for depth and width importance."),
     seed: int = typer.Option(0, help="Picks the calibration conversations."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
@@ -380,7 +382,8 @@ def prune_cmd(
 
     cfg = PruneConfig(n_layers=layers, depth_method=depth_method, intermediate_size=intermediate_size,
                       n_kv_heads=kv_heads, n_heads=heads, vocab_from=vocab_from, vocab_min_count=vocab_min_count,
-                      sparsity=sparsity, two_four=two_four, calib_samples=calib_samples, seed=seed)
+                      sparsity=sparsity, two_four=two_four, calib_from=calib_from,
+                      calib_samples=calib_samples, seed=seed)
     with err.status(f"loading {model} ..."):
         loaded = load_model(model)
     if loaded.backend != "native":

@@ -315,8 +315,9 @@ def test_prune_pipeline_report_and_save_round_trip(tiny_tokenizer, tmp_path):
 
     model = tiny(n_layers=3, vocab_size=len(tiny_tokenizer))
     before = copy.deepcopy(model.state_dict())
-    cfg = PruneConfig(n_layers=2, intermediate_size=64, n_kv_heads=1, vocab_from=str(write_jsonl(tmp_path / "c.jsonl")),
-                      sparsity=0.25, calib_samples=3, calib_seq_len=32)
+    data = str(write_jsonl(tmp_path / "c.jsonl"))
+    cfg = PruneConfig(n_layers=2, intermediate_size=64, n_kv_heads=1, vocab_from=data, sparsity=0.25,
+                      calib_from=data, calib_samples=3, calib_seq_len=32)
     small, report = prune(model, tiny_tokenizer, cfg)
     a = small.args
     assert (a.n_layers, a.intermediate_size, a.n_kv_heads, a.n_heads) == (2, 64, 1, 2)
@@ -344,8 +345,10 @@ def test_cli_prune_writes_a_loadable_smaller_model(tiny_llama_dir, tmp_path):
     from kuaida.model import load_model
 
     out = tmp_path / "pruned"
+    data = str(write_jsonl(tmp_path / "c.jsonl"))
     result = CliRunner().invoke(app, ["prune", str(tiny_llama_dir), str(out), "--layers", "1",
-                                      "--intermediate-size", "64", "--kv-heads", "1", "--calib-samples", "2"])
+                                      "--intermediate-size", "64", "--kv-heads", "1", "--calib-from", data,
+                                      "--calib-samples", "2"])
     assert result.exit_code == 0, result.output
     assert "blocks" in result.output and "layers dropped [1]" in result.output
     loaded = load_model(str(out))

@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +26,14 @@ from rich.progress import track
 
 from kuaida.errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    from kuaida.train.data import DataConfig
+
 log = logging.getLogger(__name__)
 
 
 def calibration_batches(tokenizer, n_samples: int = 64, seq_len: int = 256, seed: int = 0,
-                        data=None) -> list[torch.Tensor]:
+                        data: DataConfig | None = None) -> list[torch.Tensor]:
     """`n_samples` conversations from the training split of `data` (a kuaida.train.data.DataConfig;
     default: chitchat, the same held-out split every evaluation uses, so calibration never sees it),
     rendered through the chat template and cut at `seq_len` tokens -> list of [1, T] LongTensors.

@@ -282,7 +282,8 @@ class PruneConfig:
     byte_tokens: bool = True  # also keep the 256 single-byte tokens, so any text stays expressible
     sparsity: float = 0.0  # unstructured magnitude sparsity (zeros only: no speed-up on CPU)
     two_four: bool = False  # 2:4 sparsity (zeros only: no speed-up on CPU)
-    calib_samples: int = 64  # calibration conversations (depth and width importance)
+    calib_from: str = "chitchat"  # "chitchat" or a JSONL of {"messages": [...]}: calibration conversations
+    calib_samples: int = 64  # calibration conversations (depth and width importance), from the training split
     calib_seq_len: int = 256  # tokens per calibration conversation, at most
     seed: int = 0  # picks the calibration conversations
 
@@ -349,7 +350,10 @@ def prune(model: Transformer, tokenizer, cfg: PruneConfig, progress: bool = Fals
     report: dict = {"config": asdict(cfg), "before": shape_of(model), "steps": []}
     calib = None
     if cfg.n_layers is not None or cfg.width:
-        calib = calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
+        from kuaida.train.data import DataConfig
+
+        calib = calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_seq_len, cfg.seed,
+                                    DataConfig(source=cfg.calib_from))
     steps = [
         ("depth", cfg.n_layers is not None, lambda m: _depth(m, calib, cfg, progress)),
         ("width", cfg.width, lambda m: (prune_width(m, calib, cfg.intermediate_size, cfg.n_kv_heads, cfg.n_heads,
