@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from kuaida.cli import app
 from kuaida.errors import InvalidArgumentError, KnowledgeBaseNotFoundError, KuaidaError
 from kuaida.knowledge import ChunkConfig, create_kb, delete_kb, kb_root, list_kbs, open_kb
-from kuaida.knowledge.embed import SMALL_BATCH, default_embedder, on_one_thread
+from kuaida.knowledge.embed import _workers, default_embedder, on_one_thread
 from kuaida.knowledge.search import fts_query, rrf
 from kuaida.knowledge.store import Store
 
@@ -223,8 +223,11 @@ def test_queries_embed_on_one_thread_without_changing_other_threads():
     thread.start()
     thread.join()
     assert torch.get_num_threads() == threads and later == [threads]  # this thread, and threads started later
-    batch = embedder.embed(["how do I reset the hub"] + ["filler text"] * SMALL_BATCH)  # the caller's threads
-    assert np.allclose(batch[0], query[0], atol=1e-3)
+    texts = ["how do I reset the hub"] + [f"filler text number {i}" for i in range(40)]
+    batch = embedder.embed(texts)  # split across the workers, one replica each
+    assert len(embedder._replicas) == len(_workers()) == torch.get_num_threads()
+    assert np.allclose(batch[0], query[0], atol=2e-3)
+    assert np.allclose(batch[-1], embedder.embed(texts[-1:])[0], atol=2e-3)  # order kept across shards
 
 
 def test_cli_round_trip(tmp_path, docs):

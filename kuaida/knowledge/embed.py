@@ -71,15 +71,22 @@ def _native_bf16() -> bool:
     return bf16_gemm_is_fast()
 
 
-# Up to this many texts (a query) are embedded on the one-thread worker (see on_one_thread).
+# Up to this many texts (a query) go to one worker; more are split across all of them.
 SMALL_BATCH = 4
 
 
 @functools.cache
-def _one_thread_worker() -> ThreadPoolExecutor:
-    """A one-thread executor whose torch ops run on one intra-op thread, leaving every other thread's
-    setting as it was. ATen keeps the count per thread, plus a process default that threads created
-    later start from; torch.set_num_threads sets both, so the default is put back afterwards."""
+def _workers() -> tuple[ThreadPoolExecutor, ...]:
+    """One single-thread executor per intra-op thread torch would use, each running torch ops on one
+    thread; every other thread's setting is left as it was. (ATen keeps the count per thread, plus a
+    process default that threads created later start from; torch.set_num_threads sets both, so the
+    default is put back afterwards.)
+
+    Why not torch's own threads: two threads meet at a barrier in every op, and when the other core is
+    busy (a reply being decoded, another process) each barrier waits for a time slice. Measured on this
+    machine while shared (load ~8 on 2 cores): embedding a query p50 720-990 ms on 2 intra-op threads,
+    16 ms on one worker; ingest 14 chunks/s on 2 intra-op threads, 42-46 on one worker, 33-42 on two.
+    On an idle machine, two workers each with its own batch keep both cores busy."""
     import torch
 
     default = torch.get_num_threads()
@@ -88,24 +95,22 @@ def _one_thread_worker() -> ThreadPoolExecutor:
         torch.get_num_threads()  # initialize this thread's count before changing it
         torch.set_num_threads(1)
 
-    worker = ThreadPoolExecutor(1, thread_name_prefix="kuaida-one-thread", initializer=one_thread)
-    worker.submit(lambda: None).result()
+    workers = tuple(ThreadPoolExecutor(1, thread_name_prefix=f"kuaida-embed-{i}", initializer=one_thread)
+                    for i in range(max(1, default)))
+    for worker in workers:
+        worker.submit(lambda: None).result()
     torch.set_num_threads(default)
-    return worker
+    return workers
 
 
 def on_one_thread(fn: Callable[..., T], *args) -> T:
-    """fn(*args) on a worker thread whose torch ops use one thread. For the small ops of a search (embed
-    a ~15-token query, a 10,000 x 384 matrix-vector product): two threads gain ~nothing on work that
-    small but meet at a barrier in every op, and when the other core is busy (a reply being decoded,
-    another process) each barrier waits for a time slice. Measured on this machine while shared: query
-    embedding p50 720-990 ms on 2 threads, 16 ms on one (8.5 ms of CPU)."""
-    return _one_thread_worker().submit(fn, *args).result()
+    """fn(*args) on the first worker (torch ops on one thread): the small ops of a search."""
+    return _workers()[0].submit(fn, *args).result()
 
 
 class Embedder:
-    """Lazily loaded MiniLM; `embed` is thread-safe (one forward at a time: torch already uses every
-    core for one batch, so concurrent forwards would only contend)."""
+    """Lazily loaded MiniLM, one replica per worker (see _workers): ~45 MB each in bf16, 90 MB in fp32.
+    `embed` is thread-safe: each replica only ever runs on its own worker thread."""
 
     dim = DIM
     name = MODEL_NAME
@@ -116,8 +121,8 @@ class Embedder:
         if batch_size < 1:
             raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
         self.precision, self.batch_size = precision, batch_size
-        self._model = None
-        self._lock = threading.Lock()
+        self._replicas: list = []
+        self._lock = threading.Lock()  # loading only
 
     @property
     def dtype(self) -> str:
@@ -145,24 +150,31 @@ class Embedder:
         model.max_seq_length = MAX_TOKENS
         if self.dtype == "bf16":
             model.to(torch.bfloat16)
-        log.info("loaded %s (%s) for embeddings", MODEL_NAME, self.dtype)
         return model.eval()
 
-    def _encode(self, texts: list[str]):
+    def _ensure_loaded(self, n: int) -> None:
         with self._lock:
-            if self._model is None:
-                self._model = self._load()
-            # convert_to_tensor: numpy has no bf16. Normalized by the caller, in fp32.
-            return self._model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
-                                      normalize_embeddings=False, show_progress_bar=False)
+            while len(self._replicas) < n:
+                self._replicas.append(self._load())
+                log.info("loaded %s (%s) for embeddings, replica %d", MODEL_NAME, self.dtype, len(self._replicas))
+
+    def _encode(self, replica: int, texts: list[str]):
+        # convert_to_tensor: numpy has no bf16. Normalized by the caller, in fp32.
+        return self._replicas[replica].encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                              normalize_embeddings=False, show_progress_bar=False)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """texts -> float32 [len(texts), 384], L2-normalized (so a dot product is the cosine).
-        A few texts (a query) run on one thread, a batch on torch's threads (see SMALL_BATCH)."""
+        """texts -> float32 [len(texts), 384], L2-normalized (so a dot product is the cosine). A few texts
+        (a query) run on one worker; a batch is split into contiguous shards, one per worker."""
         if not texts:
             return np.zeros((0, DIM), dtype=np.float32)
-        out = on_one_thread(self._encode, list(texts)) if len(texts) <= SMALL_BATCH else self._encode(list(texts))
-        vectors = out.float().numpy()  # [n, 384]; a bf16 norm would be off by ~1e-3
+        workers = _workers()
+        self._ensure_loaded(len(workers))
+        shards = 1 if len(texts) <= SMALL_BATCH else min(len(workers), -(-len(texts) // self.batch_size))
+        size = -(-len(texts) // shards)  # ceil
+        futures = [workers[i].submit(self._encode, i, list(texts[i * size:(i + 1) * size])) for i in range(shards)]
+        vectors = np.concatenate([f.result().float().numpy() for f in futures])  # [n, 384]
+        # fp32 normalization: a bf16 norm would be off by ~1e-3.
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
