@@ -272,7 +272,8 @@ class PruneConfig:
 
     n_layers: int | None = None  # blocks to keep
     # "block": drop the blocks that change their input least, wherever they are (block influence);
-    # "window": drop the contiguous window that changes it least (Gromov et al. 2024).
+    # "window": drop the contiguous window that changes it least (Gromov et al. 2024). On SmolLM2-135M
+    # "block" loses less before healing: held-out perplexity 258 vs 376 keeping 20 of 30, 1581 vs 8478 at 16.
     depth_method: str = "block"
     intermediate_size: int | None = None  # MLP channels to keep per layer (a multiple of 32)
     n_kv_heads: int | None = None  # KV groups to keep per layer
