@@ -65,7 +65,7 @@ def load_weights(model: str = "default", dtype: str | None = "int8",
         dequantize(loaded.model)
         saved = None
     if dtype != "fp32":
-        if loaded.backend != "native":
+        if loaded.backend not in ("native", "gru"):
             raise InvalidArgumentError(
                 f"dtype {dtype} needs a natively supported architecture; this model runs through "
                 "transformers, use dtype='fp32'"

@@ -129,3 +129,15 @@ def test_saving_a_quantized_gru_is_refused(tmp_path, tiny_tokenizer):
 def test_bad_args_are_refused():
     with pytest.raises(UnsupportedModelError):
         GRUArgs(hidden=0)
+
+
+def test_gru_runs_int8_in_the_python_api_but_the_server_refuses_it(tmp_path, tiny_tokenizer):
+    from kuaida.bot import load_weights
+    from kuaida.errors import UnsupportedModelError
+    from kuaida.serve import ServerConfig, create_app
+
+    save_gru(make_model(vocab_size=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "gru")
+    loaded = load_weights(str(tmp_path / "gru"), "int8")
+    assert loaded.backend == "gru" and type(loaded.model.lm_head).__name__ == "Int8Linear"
+    with pytest.raises(UnsupportedModelError, match="GRU"):
+        create_app(ServerConfig(model=str(tmp_path / "gru"), db=tmp_path / "s.db"), loaded)

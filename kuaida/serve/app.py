@@ -33,6 +33,7 @@ from kuaida.errors import (
     KnowledgeBaseNotFoundError,
     KuaidaError,
     SessionNotFoundError,
+    UnsupportedModelError,
 )
 from kuaida.model.loader import LoadedModel, cache_dir
 from kuaida.serve.api_router import open_routes, v1
@@ -102,6 +103,9 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
         from kuaida.bot import load_weights
 
         loaded = load_weights(config.model, config.dtype)
+    if loaded.backend == "gru":
+        raise UnsupportedModelError(f"{config.model} is a recurrent (GRU) student: it runs in `kuaida chat` and the "
+                                    "Python API; the server batches KV caches and needs a Transformer")
     scheduler = Scheduler(loaded.model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer, loaded.path),
                           max_batch=config.max_batch, max_context=config.max_context,
                           cache_budget_mb=config.cache_mb, max_queue=config.max_queue,
