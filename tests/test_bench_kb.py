@@ -12,8 +12,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kuaida.bench.kb import (QUESTIONS_FILE, KbBenchConfig, Question, first_hits, kb_markdown, load_questions,
-                             perturb, recall, run_kb, sample_documents, sample_path, write_copy)
+from kuaida.bench.kb import (
+    QUESTIONS_FILE,
+    KbBenchConfig,
+    Question,
+    build_base,
+    first_hits,
+    kb_markdown,
+    load_questions,
+    perturb,
+    recall,
+    run_kb,
+    sample_documents,
+    sample_path,
+    scale_test,
+    write_copy,
+)
 from kuaida.errors import InvalidArgumentError
 
 
@@ -192,3 +206,15 @@ def test_bench_kb_on_the_sample_with_the_default_model(tmp_path):
     answers = report["models"][0]["answers"]
     assert len(answers["replies"]) == 5 and answers["with"] >= answers["without"]
     assert "## Targets" in (tmp_path / "kb.md").read_text()
+
+
+def test_scale_test_reaches_its_target_even_when_copies_chunk_smaller(fixture_base, tmp_path):
+    docs = sample_documents(fixture_base)
+    kb, report = build_base(docs, tmp_path, embedder=BagOfWords())
+    with kb:
+        # Claim the sample has 3x its real chunks: the first round's estimate falls short, more rounds follow.
+        scale = scale_test(kb, docs, report.chunks * 3, 40, load_questions(fixture_base / QUESTIONS_FILE),
+                           tmp_path, seed=0, show=False)
+        real = sum(d.chunks for d in kb.documents())
+    assert scale["copies"] > 40 // (report.chunks * 3)  # more than the first round's estimate
+    assert real - report.chunks == scale["ingested_chunks"] and real + 2 * report.chunks >= 40

@@ -30,7 +30,7 @@ import numpy as np
 
 from kuaida.bench.load import OtherCpu
 from kuaida.bench.report import MISSING, Column, cell, fixed, make_report, percent
-from kuaida.errors import InvalidArgumentError
+from kuaida.errors import InvalidArgumentError, KuaidaError
 
 log = logging.getLogger(__name__)
 
@@ -193,20 +193,30 @@ def write_copy(docs: Sequence[Path], folder: Path, rng: np.random.Generator) -> 
 def scale_test(kb, docs: Sequence[Path], sample_chunks: int, target: int, questions: Sequence[Question],
                workdir: Path, seed: int, show: bool) -> dict[str, Any]:
     """Grow `kb` (holding the sample) with perturbed copies to >= `target` chunks -> ingest chunks/s of
-    the copies, and search latency per mode at that size."""
-    copies = max(1, math.ceil((target - sample_chunks) / sample_chunks))
+    the copies, and search latency per mode at that size. A copy chunks a little differently from the
+    sample (other words, other token counts), so copies are added in rounds until the target is met."""
     rng = np.random.default_rng(seed)
-    for i in range(copies):
-        write_copy(docs, workdir / "scale" / f"copy-{i + 1:03d}", rng)
-    report = kb.add([workdir / "scale"], progress=show)
+    chunks, per_copy, copies, seconds, failed = sample_chunks, float(sample_chunks), 0, 0.0, 0
+    while chunks < target:
+        batch = workdir / f"scale-{copies + 1:03d}"  # one folder per round: document names stay unique
+        n = math.ceil((target - chunks) / per_copy)
+        for i in range(copies, copies + n):
+            write_copy(docs, batch / f"copy-{i + 1:03d}", rng)
+        report = kb.add([batch], progress=show)
+        if not report.chunks:  # nothing ingested: another round would not get further
+            raise KuaidaError(f"the scale test's copies could not be ingested: {report.failed[:3]}")
+        chunks, copies, seconds = chunks + report.chunks, copies + n, seconds + report.seconds
+        failed += len(report.failed)
+        per_copy = max(1.0, report.chunks / n)
     latency = {}
     with OtherCpu() as cpu:
         for mode in MODES:
             kb.search(questions[0].question, k=1, mode=mode)  # warm-up, untimed
             latency[mode] = spread_ms([timed_search(kb, q.question, 5, mode)[1] for q in questions])
-    return {"copies": copies, "chunks": sample_chunks + report.chunks, "ingested_chunks": report.chunks,
-            "ingest_s": round(report.seconds, 1), "ingest_chunks_s": round(report.chunks_per_second, 1),
-            "failed": len(report.failed), "latency_ms": latency, "other_cpu_cores": cpu.cores}
+    added = chunks - sample_chunks
+    return {"copies": copies, "chunks": chunks, "ingested_chunks": added, "ingest_s": round(seconds, 1),
+            "ingest_chunks_s": round(added / seconds, 1) if seconds else 0.0, "failed": failed,
+            "latency_ms": latency, "other_cpu_cores": cpu.cores}
 
 
 # -- answers -----------------------------------------------------------------------------------------
