@@ -189,7 +189,7 @@ def test_markdown_has_tables_targets_and_failures(tiny_report):
     assert "| warm, recurring passages |" in md
 
 
-@pytest.mark.integration  # several minutes: MiniLM ingest of ~1,000 chunks, the default model's replies
+@pytest.mark.integration  # ~30 s on a quiet machine: MiniLM ingest of ~1,000 chunks, 10 default-model replies
 def test_bench_kb_on_the_sample_with_the_default_model(tmp_path):
     from typer.testing import CliRunner
 
