@@ -35,7 +35,7 @@ from kuaida.compress.prune import PruneConfig, count_params, prune
 from kuaida.compress.quantize import DTYPES, quantize
 from kuaida.errors import InvalidArgumentError
 from kuaida.model.loader import load_model
-from kuaida.model.save import save_model
+from kuaida.model.save import check_target, save_model
 from kuaida.train.data import heldout_examples
 from kuaida.train.distill import DistillConfig, distill
 
@@ -174,16 +174,11 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
 
 
 # -- the pipeline ------------------------------------------------------------------------------------
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InvalidArgumentError(f"{out} is not empty: choose another output directory or pass --overwrite")
-
-
 def optimize(cfg: OptimizeConfig, out_dir: str | Path, *, overwrite: bool = False,
              progress: bool = True) -> dict[str, Any]:
     """Run the recipe; -> the report (also written to out_dir/report.{json,md,png})."""
     out = Path(out_dir).expanduser()
-    check_out_dir(out, overwrite)
+    check_target(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     teacher = load_model(cfg.teacher)

@@ -180,11 +180,11 @@ def distill_and_save(teacher_spec: str, student_spec: str, out_dir: str | Path, 
     cfg.replies.cache says otherwise. Returns the report (with "out_dir")."""
     from kuaida.model import load_model
     from kuaida.model.loader import cache_dir
+    from kuaida.model.save import check_target
     from kuaida.train.students import build_student
 
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:  # fail now, not after the training
-        raise InvalidArgumentError(f"{out} is not empty; choose another output directory or overwrite it")
+    check_target(out, overwrite)  # fail now, not after the training
     teacher = load_model(teacher_spec)
     if teacher.backend != "native":
         raise UnsupportedModelError(f"{teacher.source}: the teacher must be a Llama-family model (native backend)")

@@ -118,11 +118,10 @@ def finetune_and_save(model_spec: str, out_dir: str | Path, cfg: FinetuneConfig,
     Checkpoints go to cfg.train.checkpoint_dir (default: `<out_dir>.checkpoints`), removed after a
     successful save. Returns the report (with "out_dir")."""
     from kuaida.model import load_model
-    from kuaida.model.save import save_model
+    from kuaida.model.save import check_target, save_model
 
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:  # fail now, not after the training
-        raise InvalidArgumentError(f"{out} is not empty; choose another output directory or overwrite it")
+    check_target(out, overwrite)  # fail now, not after the training
     loaded = load_model(model_spec)
     if loaded.backend != "native":
         raise UnsupportedModelError(f"{loaded.source}: fine-tuning needs a Llama-family model (native backend)")
