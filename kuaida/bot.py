@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from kuaida import kernels
 from kuaida.compress.quantize import DTYPES, dequantize, quantize
-from kuaida.dialogue.template import end_of_turn_ids, render_prompt
+from kuaida.dialogue.template import content_prefix_ids, end_of_turn_ids, render_prompt
 from kuaida.engine.generate import Engine
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.sequence import GenerationStats
@@ -30,20 +30,40 @@ class Bot:
         self.engine = Engine(self.model, end_of_turn_ids(self.tokenizer, loaded.path), max_context)
         self.last_stats = GenerationStats()
 
-    def render(self, messages: list[dict[str, str]]) -> list[int]:
-        """Messages -> prompt token ids through the checkpoint's own chat template."""
-        return render_prompt(self.tokenizer, messages)
+    def render(self, messages: list[dict[str, str]], spans: list | None = None) -> list[int]:
+        """Messages -> prompt token ids through the checkpoint's own chat template (`spans` collects the
+        token spans of knowledge-base passages, see kuaida.dialogue.template.render_prompt)."""
+        return render_prompt(self.tokenizer, messages, spans)
+
+    def use_passage_cache(self, budget_mb: int = 512) -> None:
+        """Encode knowledge-base passages once each and reuse them (block attention, see
+        kuaida.engine.passages); 0: prefill them in place (full attention, the default)."""
+        self.engine.passages = make_passage_cache(self.model, self.tokenizer, budget_mb)
+        self.engine.cached_ids = []  # what the cache row holds was computed the other way
 
     def stream(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
         """Yield the reply as text pieces (valid UTF-8). Keyword arguments are SamplingParams fields
         (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)."""
         params = SamplingParams(**sampling)
         self.last_stats = GenerationStats()
-        yield from self.engine.stream(self.render(messages), params, self.tokenizer, self.last_stats)
+        spans: list[tuple[int, int]] = []
+        ids = self.render(messages, spans)
+        yield from self.engine.stream(ids, params, self.tokenizer, self.last_stats, spans)
 
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
         """The whole reply as one string; speed figures land in `bot.last_stats`."""
         return "".join(self.stream(messages, **sampling))
+
+
+def make_passage_cache(model, tokenizer, budget_mb: int):
+    """A PassageCache for `model` (passages anchored after the chat template's opening), or None when
+    budget_mb is 0 or the model is not kuaida's Transformer (a GRU, or a model run through transformers)."""
+    from kuaida.engine.passages import PassageCache
+    from kuaida.model.transformer import Transformer
+
+    if budget_mb <= 0 or not isinstance(model, Transformer):
+        return None
+    return PassageCache(model, content_prefix_ids(tokenizer), budget_mb)
 
 
 def load_weights(model: str = "default", dtype: str | None = "int8",

@@ -106,6 +106,9 @@ def serve(
                                  "a base in their 'knowledge' field. Bases live in --kb-dir."),
     kb_dir: Optional[Path] = typer.Option(None, help="Where knowledge bases are (default: $KUAIDA_KB_DIR or "
                                                      "~/.local/share/kuaida/kb)."),
+    passage_cache_mb: int = typer.Option(512, help="Memory for knowledge-base passages encoded once and reused "
+                                         "wherever they recur (block attention); 0: prefill passages in "
+                                         "place (full attention, slower)."),
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/sessions, /metrics, web chat at /.
 
@@ -116,7 +119,8 @@ def serve(
 
     config = ServerConfig(model=model, host=host, port=port, api_key=api_key, dtype=dtype, max_batch=max_batch,
                           max_context=max_context, cache_mb=cache_mb, max_queue=max_queue, db=db,
-                          prefix_cache=prefix_cache, kb_dir=kb_dir, knowledge_bases=tuple(kb))
+                          prefix_cache=prefix_cache, kb_dir=kb_dir, knowledge_bases=tuple(kb),
+                          passage_cache_mb=passage_cache_mb)
     with err.status(f"loading {model} ({dtype}) ..."):
         server_app = create_app(config, load_weights(model, dtype))
     run_server(server_app, on_ready=lambda url: typer.echo(

@@ -1,5 +1,16 @@
-"""Grounding glue: the retrieval query of a conversation, and passages placed in the system message."""
-from kuaida.dialogue.grounding import INSTRUCTION, grounded_messages, retrieval_query
+"""Grounding glue: the retrieval query of a conversation, and where passages go in the prompt (before
+the user message of their turn, staying there on later turns; the instruction in the system message)."""
+from kuaida.dialogue.grounding import (
+    INSTRUCTION,
+    PASSAGE_END,
+    PASSAGE_START,
+    grounded_messages,
+    new_passages,
+    passage_id,
+    passage_text,
+    retrieval_query,
+    shown_ids,
+)
 from kuaida.knowledge import Passage
 
 
@@ -35,27 +46,47 @@ def test_retrieval_query_edge_cases():
     assert retrieval_query([user("  price?  ")]) == "price?"  # nothing before it to add
 
 
-def test_passages_go_after_the_persona_with_ids_in_brackets():
+def wrapped(*texts):
+    return "".join(f"{PASSAGE_START}{t}{PASSAGE_END}" for t in texts)
+
+
+def test_passages_go_before_their_user_message_and_the_instruction_after_the_persona():
     messages = [{"role": "system", "content": "You are Lumo's support agent."}, user("reset?")]
-    out = grounded_messages(messages, [p("setup.md#3", "Hold the pin for 12 s.", "Setup > Reset"),
-                                       p("faq.jsonl#1", "It costs 129 euros.", "Price?")])
-    system = out[0]["content"]
-    assert system.startswith("You are Lumo's support agent.\n\n")
-    assert "[setup.md#3] Setup > Reset\nHold the pin for 12 s." in system
-    assert "[faq.jsonl#1] Price?\nIt costs 129 euros." in system
-    assert INSTRUCTION.split("[")[0] in system
-    assert out[1:] == messages[1:] and messages[0]["content"] == "You are Lumo's support agent."  # not mutated
+    a = p("setup.md#3", "Hold the pin for 12 s.", "Setup > Reset")
+    b = p("faq.jsonl#1", "It costs 129 euros.", "Price?")
+    texts = [passage_text(x) for x in (a, b)]
+    assert texts[0] == "[setup.md#3] Setup > Reset\nHold the pin for 12 s.\n\n"
+    out = grounded_messages(messages, {1: texts})
+    assert out[0]["content"] == "You are Lumo's support agent.\n\n" + INSTRUCTION
+    assert out[1] == user(wrapped(*texts) + "reset?")
+    assert messages[1] == user("reset?")  # not mutated
+    assert messages[0]["content"] == "You are Lumo's support agent."
 
 
-def test_new_system_message_when_there_is_none_and_nothing_added_without_passages():
-    out = grounded_messages([user("hi")], [p("a.md#1", "text")])
-    assert [m["role"] for m in out] == ["system", "user"] and "[a.md#1]" in out[0]["content"]
-    assert grounded_messages([user("hi")], []) == [user("hi")]
+def test_a_system_message_is_added_when_there_is_none_even_without_passages():
+    out = grounded_messages([user("hi")], {})
+    assert out == [{"role": "system", "content": INSTRUCTION}, user("hi")]
+    out = grounded_messages([user("hi")], {0: [passage_text(p("a.md#1", "text"))]})
+    assert [m["role"] for m in out] == ["system", "user"]
+    assert out[1]["content"].startswith(PASSAGE_START + "[a.md#1]")
 
 
-def test_same_passages_in_any_rank_order_give_the_same_prompt_prefix():
+def test_later_turn_prompt_extends_the_earlier_one():
+    first_texts = [passage_text(p("a.md#1", "one"))]
+    turn1 = grounded_messages([user("q1")], {0: first_texts})
+    turn2 = grounded_messages([user("q1"), assistant("r"), user("q2")],
+                              {0: first_texts, 2: [passage_text(p("b.md#4", "four"))]})
+    assert turn2[:2] == turn1 and turn2[3]["content"] == wrapped(passage_text(p("b.md#4", "four"))) + "q2"
+
+
+def test_new_passages_skip_the_shown_ones_in_document_order():
     a, b, c = p("b.md#10", "ten"), p("b.md#2", "two"), p("a.md#7", "seven")
-    first = grounded_messages([user("q1")], [a, b, c])[0]["content"]
-    later = grounded_messages([user("q1"), assistant("r"), user("q2")], [c, a, b])[0]["content"]
-    assert first == later
-    assert first.index("[a.md#7]") < first.index("[b.md#2]") < first.index("[b.md#10]")  # numeric order
+    assert [x.id for x in new_passages([a, b, c], [])] == ["a.md#7", "b.md#2", "b.md#10"]  # numeric order
+    shown = shown_ids({0: [passage_text(b)], 2: [passage_text(c)]})
+    assert shown == {"b.md#2", "a.md#7"} and passage_id(passage_text(a)) == "b.md#10"
+    assert [x.id for x in new_passages([a, b, c], shown)] == ["b.md#10"]
+
+
+def test_marker_characters_a_client_typed_are_removed():
+    out = grounded_messages([user(f"x{PASSAGE_START}y{PASSAGE_END}z")], {})
+    assert out[1]["content"] == "xyz"

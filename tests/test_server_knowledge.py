@@ -84,3 +84,28 @@ def test_session_with_a_base(client):
     assert [m["role"] for m in history["messages"]] == ["user", "assistant"]
     assert history["knowledge"] == {"base": "hub", "k": 1}
     assert "129 euros" not in history["messages"][0]["content"]
+
+
+def test_follow_up_prompt_extends_the_first_with_its_passages_in_place(client):
+    """Each turn's passages stay before its user message: the second request's prompt starts with the
+    whole first prompt (the server remembers which passages it put where), so that prefix is reused."""
+    body = {"model": "t", **GREEDY, "knowledge": {"base": "hub", "k": 1}}
+    first = client.post("/v1/chat/completions", json={**body, "messages": QUESTION}).json()
+    follow_up = QUESTION + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                            {"role": "user", "content": "how many euros for the hub"}]
+    second = client.post("/v1/chat/completions", json={**body, "messages": follow_up})
+    assert second.status_code == 200, second.text
+    second = second.json()
+    assert [s["id"] for s in second["kuaida"]["sources"]] == ["docs/price.txt#1"]
+    assert second["kuaida"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+
+
+def test_session_turns_keep_their_passages_and_reuse_the_prefix(client):
+    session = client.post("/v1/sessions", json={"knowledge": {"base": "hub", "k": 1}}).json()
+    url = f"/v1/sessions/{session['id']}/messages"
+    first = client.post(url, json={"content": "reset pinhole?", **GREEDY}).json()
+    second = client.post(url, json={"content": "how many euros for the hub", **GREEDY}).json()
+    assert second["kuaida"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+    assert [s["id"] for s in second["kuaida"]["sources"]] == ["docs/price.txt#1"]
+    metrics = client.get("/metrics").text
+    assert "kuaida_passage_cache_misses_total" in metrics and "kuaida_passage_cache_bytes" in metrics

@@ -31,3 +31,24 @@ def test_user_text_cannot_open_a_system_turn(tok):
 def test_malformed_messages_are_refused(bad):
     with pytest.raises(InvalidArgumentError):
         validate_messages(bad)
+
+
+def test_passages_are_tokenized_on_their_own_and_their_spans_reported(tok):
+    from kuaida.dialogue.grounding import PASSAGE_END, PASSAGE_START
+    from kuaida.dialogue.template import content_prefix_ids
+
+    passages = ["[a.md#1] Setup\nHello! How are you?\n\n", "[b.md#2]\nThe quick brown fox.\n\n"]
+    content = "".join(f"{PASSAGE_START}{t}{PASSAGE_END}" for t in passages) + "What is the capital?"
+    spans = []
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+    ids = render_prompt(tok, messages, spans)
+    assert len(spans) == 2 and spans[0][1] == spans[1][0]
+    for (s, e), text in zip(spans, passages):
+        assert ids[s:e] == tok.encode(text, add_special_tokens=False)  # the same tokens anywhere
+    assert PASSAGE_START not in tok.decode(ids) and "What is the capital?" in tok.decode(ids[spans[1][1]:])
+    # The anchor passages are encoded after: the template's opening up to a first user message's content.
+    anchor = content_prefix_ids(tok)
+    assert tok.decode(anchor).endswith("<|im_start|>user\n")
+    # Without passages the spans list stays empty and the prompt is the template's own tokenization.
+    plain, none = [{"role": "user", "content": "hi"}], []
+    assert render_prompt(tok, plain, none) == render_prompt(tok, plain) and none == []

@@ -9,9 +9,11 @@ and questions.jsonl: customer questions, each with the fact a correct answer con
    vocabulary and structure, different text) up to --scale-chunks chunks, ingested for real -> ingest
    chunks/s and search latency p50/p95 at that size;
 4. answers: per model, a greedy reply to each question without the base and with it (passages from
-   `kb.search(retrieval_query(messages), k)` in the system prompt) -> the share containing the fact;
+   `kb.search(retrieval_query(messages), k)` before the question), with the passages encoded on their own
+   and reused (the server's default) and prefilled in place -> the share containing the fact;
 5. TTFT: 3-turn conversations, the last turn answered plain vs grounded (retrieval + prefill + first
-   token), cold and with the previous turn's KV cache, with new or recurring passages.
+   token): with the previous turn's KV cache, its passages seen before or new, or under full attention;
+   and cold.
 """
 from __future__ import annotations
 
@@ -220,34 +222,41 @@ def scale_test(kb, docs: Sequence[Path], sample_chunks: int, target: int, questi
 
 
 # -- answers -----------------------------------------------------------------------------------------
-def grounded(kb, messages: list[dict], k: int) -> tuple[list[dict], list, float]:
-    """messages -> (messages with the retrieved passages in the system prompt, passages, seconds spent)."""
-    from kuaida.dialogue.grounding import grounded_messages, retrieval_query
+PASSAGE_CACHE_MB = 512  # the server's default (ServerConfig.passage_cache_mb)
 
-    t0 = time.perf_counter()
-    passages = kb.search(retrieval_query(messages), k=k)
-    out = grounded_messages(messages, passages)
-    return out, passages, time.perf_counter() - t0
+
+def grounded(kb, messages: list[dict], k: int) -> tuple[list[dict], list, float]:
+    """messages -> (messages with the retrieved passages before the last user turn, passages, seconds)."""
+    from kuaida.dialogue.retrieval import ground
+
+    g = ground(kb, messages, k)
+    return g.messages, g.passages, g.seconds
 
 
 def answer_quality(bot, kb, questions: Sequence[Question], k: int, max_new_tokens: int,
                    show: bool = False) -> dict[str, Any]:
-    """Greedy replies without and with the base -> the share that contains the fact, and every reply."""
-    replies = []
-    for q in track(questions, "answers", show):
-        plain = [{"role": "user", "content": q.question}]
-        with_kb, passages, _ = grounded(kb, plain, k)
-        without = bot.chat(plain, max_new_tokens=max_new_tokens, temperature=0.0)
-        withkb = bot.chat(with_kb, max_new_tokens=max_new_tokens, temperature=0.0)
-        replies.append({"id": q.id, "question": q.question, "fact": q.fact,
-                        "fact_in_passages": any(q.answered_by(p.text) for p in passages),
-                        "without": without, "with": withkb,
-                        "hit_without": q.answered_by(without), "hit_with": q.answered_by(withkb)})
+    """Greedy replies without the base, with it as the server answers (passages encoded on their own and
+    reused: block attention) and with it under full attention (passages prefilled in place) -> the share of
+    each that contains the fact, and every reply."""
+    prompts = [[{"role": "user", "content": q.question}] for q in questions]
+    found = [grounded(kb, plain, k) for plain in prompts]
+    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    bot.use_passage_cache(0)
+    without = [bot.chat(plain, **greedy) for plain in track(prompts, "answers without the base", show)]
+    full = [bot.chat(g[0], **greedy) for g in track(found, "answers, full attention", show)]
+    bot.use_passage_cache(PASSAGE_CACHE_MB)
+    block = [bot.chat(g[0], **greedy) for g in track(found, "answers, passages cached", show)]
+    replies = [{"id": q.id, "question": q.question, "fact": q.fact,
+                "fact_in_passages": any(q.answered_by(p.text) for p in passages),
+                "without": w, "with": b, "with_full": f,
+                "hit_without": q.answered_by(w), "hit_with": q.answered_by(b),
+                "hit_with_full": q.answered_by(f)}
+               for q, (_, passages, _), w, f, b in zip(questions, found, without, full, block)]
     n = len(replies)
-    without = sum(r["hit_without"] for r in replies) / n
-    with_kb = sum(r["hit_with"] for r in replies) / n
-    return {"without": round(without, 4), "with": round(with_kb, 4),
-            "gain": round(with_kb / without, 2) if without else None, "replies": replies}
+    share = {key: round(sum(r[f"hit_{key}"] for r in replies) / n, 4)
+             for key in ("without", "with", "with_full")}
+    return {**share, "gain": round(share["with"] / share["without"], 2) if share["without"] else None,
+            "replies": replies}
 
 
 # -- time to first token -----------------------------------------------------------------------------
@@ -265,44 +274,63 @@ def history(turns: Sequence[Question]) -> list[dict]:
     return out[:-1]
 
 
-def first_token(bot, messages: list[dict], warm: list[dict] | None) -> tuple[float, int, int]:
-    """Wall time to the first token of `messages` -> (seconds, prompt tokens, cached tokens). The cache
-    starts empty, or holding the prompt of `warm` (the previous turn, as in a live conversation)."""
+def first_token(bot, messages: list[dict], warm: list[dict] | None, prepare=None) -> tuple[float, int, int]:
+    """Wall time to the first token of `messages` -> (seconds, prompt tokens, cached tokens). The KV cache
+    starts empty, or holding the prompt of `warm` (the previous turn, as in a live conversation);
+    `prepare()` runs after that, untimed."""
     bot.engine.cached_ids = []
     if warm is not None:
         bot.chat(warm, max_new_tokens=1, temperature=0.0)
+    if prepare is not None:
+        prepare()
     t0 = time.perf_counter()
     bot.chat(messages, max_new_tokens=1, temperature=0.0)
     return time.perf_counter() - t0, bot.last_stats.prompt_tokens, bot.last_stats.cached_tokens
 
 
-def ttft_one(bot, kb, turns: Sequence[Question], k: int) -> tuple[dict[str, dict[str, float]], bool]:
-    """One conversation's last turn in each scenario -> ({scenario: {plain_s, grounded_s, retrieval_s,
-    plain/grounded prompt and cached tokens}}, whether its retrieval found turn 2's passages again)."""
-    from kuaida.dialogue.grounding import grounded_messages
+SCENARIOS = ("warm, passages seen before", "warm, new passages", "warm, full attention", "cold")
+
+
+def ttft_one(bot, kb, turns: Sequence[Question], k: int) -> tuple[dict[str, dict[str, float]], int]:
+    """One conversation's third turn, plain and grounded, in each scenario -> ({scenario: {plain_s,
+    grounded_s, retrieval_s, plain/grounded prompt and cached tokens}}, passages new at turn 3).
+
+    Grounded turns are built as the server builds them: every turn's passages before its user message,
+    staying there, passages shown before not repeated. Scenarios: warm = the KV cache holds turn 2's
+    prompt; "passages seen before" = the passage cache holds turn 3's passages (encoded for an earlier
+    request: another user's, or at start-up); "new passages" = it does not; "full attention" = no passage
+    cache, passages prefilled in place; cold = nothing cached."""
+    from kuaida.dialogue.retrieval import ground
 
     msgs, before = history(turns), history(turns[:2])
-    ground3, passages3, retrieval_s = grounded(kb, msgs, k)
-    ground2, passages2, _ = grounded(kb, before, k)
-    same = grounded_messages(msgs, passages2)
-    cases = {"cold": (None, None, ground3), "warm": (before, ground2, ground3),
-             "warm, recurring passages": (before, ground2, same)}
+    g1 = ground(kb, msgs[:1], k)
+    g2 = ground(kb, before, k, {0: g1.texts})
+    g3 = ground(kb, msgs, k, {0: g1.texts, 2: g2.texts})
     out = {}
-    for name, (warm_plain, warm_grounded, target) in cases.items():
+
+    def row(name: str, warm_plain, warm_grounded, prepare=None, repeat: int = 1) -> None:
         plain_s, plain_tokens, plain_cached = first_token(bot, msgs, warm_plain)
-        ground_s, ground_tokens, ground_cached = first_token(bot, target, warm_grounded)
-        out[name] = {"plain_s": plain_s, "grounded_s": ground_s + retrieval_s, "retrieval_s": retrieval_s,
+        for _ in range(repeat):
+            ground_s, ground_tokens, ground_cached = first_token(bot, g3.messages, warm_grounded, prepare)
+        out[name] = {"plain_s": plain_s, "grounded_s": ground_s + g3.seconds, "retrieval_s": g3.seconds,
                      "plain_tokens": plain_tokens, "grounded_tokens": ground_tokens,
                      "plain_cached": plain_cached, "grounded_cached": ground_cached}
-    return out, {p.id for p in passages3} == {p.id for p in passages2}
+
+    bot.use_passage_cache(PASSAGE_CACHE_MB)
+    row(SCENARIOS[0], before, g2.messages, repeat=2)  # the first run leaves turn 3's passages cached
+    row(SCENARIOS[1], before, g2.messages, prepare=bot.engine.passages.clear)
+    bot.use_passage_cache(0)
+    row(SCENARIOS[2], before, g2.messages)
+    bot.use_passage_cache(PASSAGE_CACHE_MB)
+    row(SCENARIOS[3], None, None, prepare=bot.engine.passages.clear)
+    return out, len(g3.texts)
 
 
 def ttft_comparison(bot, kb, questions: Sequence[Question], k: int, n: int, show: bool) -> dict[str, Any]:
-    """Medians over n conversations, one row per scenario (after one untimed warm-up conversation), and
-    how many conversations retrieved the same passages for turns 2 and 3 on their own."""
+    """Medians over n conversations, one row per scenario (after one untimed warm-up conversation)."""
     convs = conversations(questions, n)
     ttft_one(bot, kb, convs[0], k)  # warm-up: first-call allocations go untimed
-    runs, recurred = zip(*(ttft_one(bot, kb, c, k) for c in track(convs, "time to first token", show)))
+    runs, new = zip(*(ttft_one(bot, kb, c, k) for c in track(convs, "time to first token", show)))
     rows = []
     for scenario in runs[0]:
         med = {key: float(np.median([r[scenario][key] for r in runs])) for key in runs[0][scenario]}
@@ -312,7 +340,7 @@ def ttft_comparison(bot, kb, questions: Sequence[Question], k: int, n: int, show
                      "ratio": round(med["grounded_s"] / med["plain_s"], 2),
                      **{key: int(med[key]) for key in ("plain_tokens", "grounded_tokens", "plain_cached",
                                                         "grounded_cached")}})
-    return {"rows": rows, "passages_recurred": sum(recurred)}
+    return {"rows": rows, "new_passages": float(np.median(new))}
 
 
 def measure_model(model: str, kb, questions: Sequence[Question], config: KbBenchConfig,
@@ -324,10 +352,9 @@ def measure_model(model: str, kb, questions: Sequence[Question], config: KbBench
         answers = answer_quality(bot, kb, questions, config.k, config.max_new_tokens, show)
         ttft = ttft_comparison(bot, kb, questions, config.k, config.ttft_conversations, show)
     return {"model": model, "dtype": config.dtype, "answers": answers, "ttft": ttft["rows"],
-            "ttft_passages_recurred": ttft["passages_recurred"], "other_cpu_cores": cpu.cores}
+            "ttft_new_passages": ttft["new_passages"], "other_cpu_cores": cpu.cores}
 
 
-# -- the benchmark -----------------------------------------------------------------------------------
 def track(items: Sequence, description: str, show: bool) -> Iterator:
     """Iterate `items` under a rich progress bar on stderr (one at a time: rich allows one live display)."""
     if not show:
@@ -357,6 +384,8 @@ def check_targets(ingest: dict, scale: dict | None, models: list[dict]) -> dict[
         out[f"{m['model']}: replies with the fact, with / without the base"] = target(
             f"{a['with']:.1%} / {a['without']:.1%}", f">= {TARGETS['answer_gain']:.0f}x",
             a["with"] > 0 and a["with"] >= TARGETS["answer_gain"] * a["without"])
+        out[f"{m['model']}: replies with the fact, passages cached / full attention"] = target(
+            f"{a['with']:.1%} / {a['with_full']:.1%}", "reported", True)
         for row in m["ttft"]:
             out[f"{m['model']}: TTFT grounded / plain ({row['scenario']})"] = target(
                 row["ratio"], f"<= {TARGETS['ttft_ratio']}x", row["ratio"] <= TARGETS["ttft_ratio"])
@@ -446,11 +475,15 @@ def model_section(m: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     gain = MISSING if a["gain"] is None else f"{a['gain']}×"
     return [f"## {m['model']} ({m['dtype']})", "",
             (f"Replies containing the fact: without the base {a['without']:.1%}, with it {a['with']:.1%} "
-             f"({gain}); greedy, at most {settings['max_new_tokens']} tokens, k={settings['k']} passages."), "",
+             f"({gain}) as the server answers (each passage encoded on its own and reused: block attention), "
+             f"{a['with_full']:.1%} with the passages prefilled in place (full attention); greedy, at most "
+             f"{settings['max_new_tokens']} tokens, k={settings['k']} passages."), "",
             *table(m["ttft"], TTFT_COLUMNS), "",
             (f"Time to first token of a 3-turn conversation's last turn (median over "
-             f"{m['ttft'][0]['conversations']} conversations): cold = empty KV cache; warm = the previous "
-             "turn's prompt cached (its passages were retrieved for it); recurring = the same passages as the "
-             f"previous turn (retrieval found them again on its own in {m['ttft_passages_recurred']} of "
-             f"{m['ttft'][0]['conversations']}). Other processes' CPU meanwhile: {m['other_cpu_cores']} cores."), "",
+             f"{m['ttft'][0]['conversations']} conversations; each turn's passages stay before its user "
+             f"message, those shown before are not repeated: median {m['ttft_new_passages']:g} new passages "
+             "at turn 3). warm = the KV cache holds turn 2's prompt; passages seen before = the passage cache "
+             "holds turn 3's passages (encoded for an earlier request); new passages = it does not; full "
+             "attention = no passage cache, passages prefilled in place; cold = nothing cached. Other "
+             f"processes' CPU meanwhile: {m['other_cpu_cores']} cores."), "",
             "Grounded replies that missed the fact (examples):", "", *failures(a["replies"]), ""]

@@ -1,13 +1,30 @@
 """Grounding glue between a conversation and a knowledge base: what to search for, and where the
 passages found go in the prompt. Pure functions: no model, no I/O.
 
-    query = retrieval_query(messages)                       # -> kb.search(query, k=3)
-    prompt_messages = grounded_messages(messages, passages)  # -> render with the chat template
+    query = retrieval_query(messages)                                    # -> kb.search(query, k=3)
+    texts = [passage_text(p) for p in new_passages(found, shown)]
+    prompt_messages = grounded_messages(messages, {len(messages) - 1: texts, **earlier_turns})
+
+Placement, chosen so that a conversation's prompt only ever grows at its end (the engine reuses the KV
+cache of the longest token prefix it shares with the previous turn's prompt; everything after the
+first difference is prefilled again):
+
+* the instruction to answer from the passages goes once into the system message (the same on every
+  turn, so it stays cached with the persona);
+* each turn's passages go at the start of that turn's user message, and stay there on later turns, the
+  way a tool result stays in a transcript: turn n's prompt is turn n-1's prompt plus the reply plus the
+  new turn, so only the new turn (its passages and its question) is ever prefilled;
+* a passage already shown earlier in the conversation is not repeated (it is still in the context).
+
+Each passage is wrapped in PASSAGE_START / PASSAGE_END (Unicode private-use characters).
+kuaida.dialogue.template tokenizes a wrapped passage on its own and reports its token span, so the
+engine can take the passage's keys and values from a cache of independently encoded passages
+(kuaida.engine.passages) instead of prefilling it. The markers never reach the model.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 # A follow-up this short, or one that points back ("does it...", "what about that one?"), rarely names
@@ -17,8 +34,11 @@ _BACK_REFERENCES = frozenset(
     ["it", "its", "it's", "this", "that", "these", "those", "they", "them", "their", "there", "one", "ones", "he", "she", "him", "her", "same", "also", "too", "else", "other", "another", "former", "latter"])
 _WORD = re.compile(r"[\w']+")
 
-INSTRUCTION = ("Answer from the passages below and cite the id of each passage you use in brackets, "
-               "like [{example}]. If they do not contain the answer, say you do not know.")
+PASSAGE_START, PASSAGE_END = "\ue002", "\ue003"
+PASSAGE = re.compile(f"{PASSAGE_START}(.*?){PASSAGE_END}", re.DOTALL)
+
+INSTRUCTION = ("Answer from the passages given in the user's messages, citing their [ids]. If they do not "
+               "contain the answer, say you do not know.")
 
 
 class PassageLike(Protocol):
@@ -56,17 +76,15 @@ def retrieval_query(messages: list[dict]) -> str:
     return latest
 
 
-def passages_block(passages: Sequence[PassageLike]) -> str:
-    """The instruction and the passages, each as "[id] heading" then its text, ordered by id.
+def passage_text(p: PassageLike) -> str:
+    """One passage as the model reads it: "[id] heading", its text, a blank line. Self-contained (it
+    ends with its own separator), so it tokenizes the same wherever it is placed."""
+    return f"{f'[{p.id}] {p.heading}'.rstrip()}\n{p.text.strip()}\n\n"
 
-    Ordered by (document, chunk number), not by score: the same passages found again on a later turn,
-    in any rank order, render to the same text, hence the same tokens (see grounded_messages)."""
-    ordered = sorted(passages, key=_id_key)
-    lines = [INSTRUCTION.format(example=ordered[0].id)]
-    for p in ordered:
-        lines.append(f"\n[{p.id}] {p.heading}".rstrip())
-        lines.append(p.text.strip())
-    return "\n".join(lines)
+
+def passage_id(text: str) -> str:
+    """The id a passage_text starts with ("" if none)."""
+    return text[1:text.index("]")] if text.startswith("[") and "]" in text else ""
 
 
 def _id_key(p: PassageLike) -> tuple[str, int, str]:
@@ -74,26 +92,38 @@ def _id_key(p: PassageLike) -> tuple[str, int, str]:
     return (doc, int(seq), p.id) if seq.isdigit() else (p.id, 0, p.id)
 
 
-def grounded_messages(messages: list[dict], passages: Sequence[PassageLike]) -> list[dict]:
-    """A new message list whose system message carries the passages (the input is not modified).
+def new_passages(passages: Sequence[PassageLike], shown: Iterable[str]) -> list[PassageLike]:
+    """The passages not already shown (by id), in (document, chunk number) order: the order of a
+    document, and independent of scores, so the same passages found again render the same way."""
+    seen = set(shown)
+    return sorted((p for p in passages if p.id not in seen), key=_id_key)
 
-    Placement, chosen for prefix-cache reuse: the engine reuses the longest cached token prefix of a
-    conversation, and everything after the first token that differs is prefilled again. So the parts
-    that change least come first: the existing system prompt (the persona: identical on every turn and
-    in every session), then the passages block (the same while the customer stays on one topic, and
-    rendered in id order so it does not depend on scores), then the conversation. Putting the passages
-    before the persona would make every change of passages re-prefill the persona too.
 
-    With no passages the messages are returned unchanged (copied): no instruction to answer from
-    nothing.
+def shown_ids(turn_passages: Mapping[int, Sequence[str]]) -> set[str]:
+    return {passage_id(t) for texts in turn_passages.values() for t in texts}
+
+
+def strip_markers(text: str) -> str:
+    return text.replace(PASSAGE_START, "").replace(PASSAGE_END, "")
+
+
+def grounded_messages(messages: list[dict], turn_passages: Mapping[int, Sequence[str]]) -> list[dict]:
+    """A new message list (the input is not modified): the instruction appended to the system message
+    (or a system message holding it), and before each user message i in `turn_passages` its passages
+    (passage_text strings), each wrapped in PASSAGE_START/PASSAGE_END.
+
+    Marker characters a client typed are removed first, so only grounding makes passage spans. The
+    instruction is added even when no turn has passages, so that a knowledge-base conversation keeps
+    one system message from its first turn to its last.
     """
-    out = [dict(m) for m in messages]
-    if not passages:
-        return out
-    block = passages_block(passages)
+    out = [{**m, "content": strip_markers(m["content"])} if isinstance(m.get("content"), str) else dict(m)
+           for m in messages]
+    for i, texts in turn_passages.items():
+        if texts and 0 <= i < len(out) and out[i].get("role") == "user":
+            out[i]["content"] = "".join(f"{PASSAGE_START}{t}{PASSAGE_END}" for t in texts) + out[i]["content"]
     if out and out[0].get("role") == "system":
         persona = (out[0].get("content") or "").rstrip()
-        out[0]["content"] = f"{persona}\n\n{block}" if persona else block
+        out[0]["content"] = f"{persona}\n\n{INSTRUCTION}" if persona else INSTRUCTION
     else:
-        out.insert(0, {"role": "system", "content": block})
+        out.insert(0, {"role": "system", "content": INSTRUCTION})
     return out

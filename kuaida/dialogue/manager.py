@@ -12,7 +12,7 @@ blank line instead, from then on.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from jinja2 import TemplateError
@@ -31,6 +31,7 @@ class TurnPlan:
     dropped: int  # oldest messages left out of the prompt (see kuaida.dialogue.history)
     messages: list[dict]  # what the prompt was rendered from: the kept messages, ending with the user's
     grounding: Grounding | None = None  # the knowledge-base passages in the prompt, when the turn has a base
+    spans: list[tuple[int, int]] = field(default_factory=list)  # their token spans in prompt_ids
 
 
 class DialogueManager:
@@ -41,8 +42,15 @@ class DialogueManager:
 
     def messages(self, session: Session) -> list[dict]:
         """The conversation so far as OpenAI messages: the system prompt (if any), then the turns."""
+        return self._history(session)[0]
+
+    def _history(self, session: Session) -> tuple[list[dict], dict[int, list[str]]]:
+        """-> (messages, {index of a user message: the knowledge-base passages it was given})."""
         system = [{"role": "system", "content": session.system}] if session.system else []
-        return system + [{"role": t["role"], "content": t["content"]} for t in self.store.turns(session.id)]
+        turns = self.store.turns(session.id)
+        passages = {len(system) + i: t["meta"]["passages"] for i, t in enumerate(turns)
+                    if t["role"] == "user" and t.get("meta", {}).get("passages")}
+        return system + [{"role": t["role"], "content": t["content"]} for t in turns], passages
 
     def prompt_budget(self, max_new_tokens: int) -> int:
         """Tokens the prompt may take: what the reply leaves of the context, but at least half of it,
@@ -53,43 +61,50 @@ class DialogueManager:
         return max(self.max_context - max_new_tokens, self.max_context // 2)
 
     def prepare_turn(self, session: Session, user_text: str, max_new_tokens: int,
-                     ground: Callable[[list[dict]], Grounding] | None = None) -> TurnPlan:
+                     ground: Callable[..., Grounding] | None = None) -> TurnPlan:
         """Store the user's message and build the prompt for the reply.
 
-        `ground` (a session with a knowledge base) puts retrieved passages into the system message
-        before the history is fitted, so the oldest turns make room for them.
+        `ground(messages, earlier=...)` (a session with a knowledge base) puts the retrieved passages
+        before the new user message, and every earlier turn's stored passages before its own, before
+        the history is fitted (so the oldest turns make room). The new turn's passages are stored with
+        it: later turns render them again in the same place, so their prompts extend this one.
 
         The prompt is built first, so a message that could never fit (ContextLengthError) is refused
         without being stored and cannot wedge the session; otherwise the user turn is durable before
         this returns, i.e. before any generation starts."""
         if not isinstance(user_text, str) or not user_text.strip():
             raise InvalidArgumentError("the user message must be a non-empty string")
-        messages = self.messages(session) + [{"role": "user", "content": user_text}]
-        grounding = ground(messages) if ground else None
+        history, earlier = self._history(session)
+        messages = history + [{"role": "user", "content": user_text}]
+        grounding = ground(messages, earlier=earlier) if ground else None
         if grounding is not None:
             messages = grounding.messages
         prompt_ids, dropped = fit_history(self._render, messages, self.prompt_budget(max_new_tokens))
-        self.store.append(session.id, "user", user_text)
+        spans: list[tuple[int, int]] = []
+        if grounding is not None:  # the same render again, now noting where the passages are
+            prompt_ids = self._render(kept_messages(messages, dropped), spans)
+        self.store.append(session.id, "user", user_text, {"passages": grounding.texts} if grounding else None)
         if dropped:
             log.info("session %s: %d oldest messages left out of the prompt (%d tokens)",
                      session.id, dropped, len(prompt_ids))
         return TurnPlan(prompt_ids=prompt_ids, dropped=dropped, messages=kept_messages(messages, dropped),
-                        grounding=grounding)
+                        grounding=grounding, spans=spans)
 
     def finish_turn(self, session: Session, reply_text: str, meta: dict) -> None:
         """Store the assistant's reply with its meta (usage, timings, finish_reason)."""
         self.store.append(session.id, "assistant", reply_text, meta)
 
-    def _render(self, messages: list[dict]) -> list[int]:
+    def _render(self, messages: list[dict], spans: list | None = None) -> list[int]:
+        kwargs = {} if spans is None else {"spans": spans}
         if not self._merge_users:
             try:
-                return self.render(messages)
+                return self.render(messages, **kwargs)
             except TemplateError as e:
                 if not _has_consecutive_users(messages):
                     raise
                 log.info("the chat template refuses consecutive user messages (%s): merging them", e)
                 self._merge_users = True
-        return self.render(merge_consecutive_users(messages))
+        return self.render(merge_consecutive_users(messages), **kwargs)
 
 
 def merge_consecutive_users(messages: list[dict]) -> list[dict]:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kuaida.dialogue.grounding import PASSAGE, PASSAGE_START
 from kuaida.errors import InvalidArgumentError
 
 ROLES = ("system", "user", "assistant")
@@ -33,14 +34,20 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
 _MARK = re.compile("\ue000(\\d+)\ue001")
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def render_prompt(tokenizer, messages: list[dict[str, str]],
+                  spans: list[tuple[int, int]] | None = None) -> list[int]:
     """Messages -> prompt token ids through the checkpoint's chat template, ready for the reply.
 
     Text a user typed never becomes a control token: a content that spells one (`<|im_end|>` ...) is
     tokenized as plain text, so it cannot close its turn and open a system turn (prompt injection).
+
+    Knowledge-base passages (wrapped in grounding.PASSAGE_START/END) are tokenized each on its own, so a
+    passage has the same tokens wherever it lands; with `spans` (a list) given, their [start, end) token
+    positions in the prompt are appended to it, in order.
     """
     msgs = validate_messages(messages)
-    if not any(special in m["content"] for m in msgs for special in _special_strings(tokenizer)):
+    specials = _special_strings(tokenizer)
+    if not any(PASSAGE_START in m["content"] or any(s in m["content"] for s in specials) for m in msgs):
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     # Render with placeholders, then tokenize the template's text and each content separately.
@@ -50,9 +57,24 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     for j, part in enumerate(_MARK.split(text)):  # even parts: template text; odd: message index
         if j % 2 == 0:
             ids += tokenizer.encode(part, add_special_tokens=False) if part else []
-        elif content := msgs[int(part)]["content"]:
-            ids += tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
+            continue
+        for k, piece in enumerate(PASSAGE.split(msgs[int(part)]["content"])):  # odd pieces: passages
+            if not piece:
+                continue
+            start = len(ids)
+            ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
+            if k % 2 == 1 and spans is not None:
+                spans.append((start, len(ids)))
     return ids
+
+
+def content_prefix_ids(tokenizer) -> list[int]:
+    """The template's tokens before the content of a conversation's first user message (its default
+    system prompt, if it has one, and the user header): the context a passage is encoded in when it is
+    encoded on its own (kuaida.engine.passages)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "\ue000"}], tokenize=False,
+                                         add_generation_prompt=False)
+    return tokenizer.encode(text.split("\ue000")[0], add_special_tokens=False)
 
 
 def _special_strings(tokenizer) -> list[str]:

@@ -8,6 +8,7 @@ tokens.
 from __future__ import annotations
 
 from typing import Iterator
+from typing import Sequence as Seq
 
 import torch
 
@@ -39,6 +40,30 @@ def prefill(model: torch.nn.Module, cache, ids: list[int], start: int, row: int 
     return logits
 
 
+@torch.inference_mode()
+def prefill_prompt(model: torch.nn.Module, cache, prompt: list[int], n_cached: int, row: int = 0,
+                   spans: Seq[tuple[int, int]] = (), passages=None) -> torch.Tensor:
+    """Fill cache row `row` with `prompt` from position n_cached on (the rest is cached); -> the logits of
+    its last token [1, V].
+
+    With a PassageCache (kuaida.engine.passages), the passage `spans` ([start, end) token positions,
+    ascending) are written from it instead of being prefilled. A span the cached prefix ends inside is
+    written whole (its first tokens are the same either way: a passage's encoding depends on nothing
+    before it); a span that reaches the prompt's last token is prefilled (that token's logits start the
+    reply)."""
+    pos, logits = n_cached, None
+    if passages is not None:
+        for s, e in spans:
+            if e <= pos or e >= len(prompt) or not passages.fits(e - s):
+                continue
+            if s > pos:
+                logits = prefill(model, cache, prompt[pos:s], pos, row)
+            passages.write(cache, row, s, prompt[s:e])
+            pos = e
+    tail = prefill(model, cache, prompt[pos:], pos, row)
+    return tail if tail is not None else logits
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, eos_ids: set[int], max_context: int | None = None) -> None:
         self.model = model
@@ -47,6 +72,7 @@ class Engine:
         self.max_context = min(max_context or limit, limit)
         self.cache = model.new_cache(batch=1, max_seq=self.max_context)
         self.cached_ids: list[int] = []  # tokens whose keys/values sit in the cache row, in order
+        self.passages = None  # a kuaida.engine.passages.PassageCache: passage spans come from it
 
     @torch.inference_mode()
     def decode_one(self, token: int, pos: int) -> torch.Tensor:
@@ -65,7 +91,7 @@ class Engine:
         # Stays true if the prefill fails midway: a KV cache still holds the common prefix, a recurrent
         # state holds nothing reusable.
         self.cached_ids = [] if extend_only else self.cached_ids[:n_cached]
-        logits = prefill(self.model, self.cache, seq.prompt_ids[n_cached:], n_cached)
+        logits = prefill_prompt(self.model, self.cache, seq.prompt_ids, n_cached, 0, seq.spans, self.passages)
         self.cached_ids = list(seq.prompt_ids)
         return logits
 
@@ -79,15 +105,17 @@ class Engine:
             self.cached_ids.append(token)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 stats: GenerationStats | None = None) -> Iterator[int]:
+                 stats: GenerationStats | None = None, spans: Seq[tuple[int, int]] = ()) -> Iterator[int]:
         """Yield sampled token ids until an end-of-turn token, max_new_tokens or the context is full.
-        The end-of-turn token itself is not yielded. `stats` (if given) is filled in as it goes."""
-        yield from self.run(Sequence(prompt_ids, params, self.eos_ids, self.max_context, stats=stats))
+        The end-of-turn token itself is not yielded. `stats` (if given) is filled in as it goes.
+        `spans`: the prompt's passages (see prefill_prompt)."""
+        yield from self.run(Sequence(prompt_ids, params, self.eos_ids, self.max_context, stats=stats,
+                                     spans=spans))
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, tokenizer,
-               stats: GenerationStats | None = None) -> Iterator[str]:
+               stats: GenerationStats | None = None, spans: Seq[tuple[int, int]] = ()) -> Iterator[str]:
         """Text pieces of the reply: valid UTF-8 always, stop strings cut (not included)."""
-        seq = Sequence(prompt_ids, params, self.eos_ids, self.max_context, tokenizer, stats)
+        seq = Sequence(prompt_ids, params, self.eos_ids, self.max_context, tokenizer, stats, spans)
         tokens = self.run(seq)
         for token in tokens:
             if piece := seq.text(token):

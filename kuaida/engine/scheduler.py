@@ -20,7 +20,7 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
-from kuaida.engine.generate import common_prefix, prefill
+from kuaida.engine.generate import common_prefix, prefill_prompt
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.sequence import GenerationStats, Sequence, check_fits
 from kuaida.errors import BusyError, KuaidaError
@@ -99,8 +99,9 @@ class SchedulerMetrics:
 class Scheduler:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_ids: set[int], *, max_batch: int = 8,
                  max_context: int | None = None, cache_budget_mb: int = 2048, max_queue: int = 64,
-                 enable_prefix_cache: bool = True) -> None:
+                 enable_prefix_cache: bool = True, passages=None) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
+        self.passages = passages  # a kuaida.engine.passages.PassageCache, or None: passages are prefilled
         self.enable_prefix_cache = enable_prefix_cache  # off: every prompt is prefilled whole (baselines)
         self.max_context = min(max_context or model.args.max_seq_len, model.args.max_seq_len)
         row_bytes = model.new_cache(batch=1, max_seq=self.max_context).nbytes()  # the model picks the dtype
@@ -125,11 +126,13 @@ class Scheduler:
         return self
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               loop: asyncio.AbstractEventLoop | None = None) -> Stream:
-        """Queue a request; raises ContextLengthError (prompt too long) or BusyError (queue full)."""
+               loop: asyncio.AbstractEventLoop | None = None, spans=()) -> Stream:
+        """Queue a request; raises ContextLengthError (prompt too long) or BusyError (queue full).
+        `spans`: the knowledge-base passages in the prompt (kuaida.engine.generate.prefill_prompt)."""
         check_fits(len(prompt_ids), self.max_context)
         stream = Stream(f"req-{next(self._ids)}", loop)
-        seq = Sequence(prompt_ids, params, self.eos_ids, self.max_context, self.tokenizer, stream.stats)
+        seq = Sequence(prompt_ids, params, self.eos_ids, self.max_context, self.tokenizer, stream.stats,
+                       spans)
         with self._wake:
             if self._stopping:
                 raise BusyError("the server is shutting down")
@@ -216,7 +219,8 @@ class Scheduler:
         slot.cached_ids = slot.cached_ids[:n_cached]
         active = Active(stream, seq, slot)
         self.active.append(active)
-        logits = prefill(self.model, self.cache, seq.prompt_ids[n_cached:], n_cached, row=slot.row)
+        logits = prefill_prompt(self.model, self.cache, seq.prompt_ids, n_cached, slot.row, seq.spans,
+                                self.passages)
         slot.cached_ids = list(seq.prompt_ids)
         self._advance(active, logits)
 

@@ -41,9 +41,10 @@ def check_fits(n_prompt: int, max_context: int) -> None:
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int], max_context: int,
-                 tokenizer=None, stats: GenerationStats | None = None) -> None:
+                 tokenizer=None, stats: GenerationStats | None = None, spans=()) -> None:
         check_fits(len(prompt_ids), max_context)
         self.prompt_ids, self.params, self.eos_ids = prompt_ids, params, eos_ids
+        self.spans = tuple(spans)  # knowledge-base passages in the prompt: [start, end) token positions
         self.stats = stats if stats is not None else GenerationStats()
         self.stats.prompt_tokens = len(prompt_ids)
         self.budget = min(params.max_new_tokens, max_context - len(prompt_ids))

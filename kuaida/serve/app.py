@@ -72,10 +72,14 @@ class ServerConfig:
     prefix_cache: bool = True  # False: prefill every prompt whole (the baseline `kuaida bench load` compares)
     kb_dir: Path | None = None  # knowledge bases requests may name; None: $KUAIDA_KB_DIR or kb_root()
     knowledge_bases: tuple[str, ...] = ()  # opened (with the embedding model) at start-up: no cold first query
+    # Knowledge-base passages encoded once, reused in every prompt they recur in (kuaida.engine.passages);
+    # 0: no cache, passages are prefilled in place with full attention (exact, slower).
+    passage_cache_mb: int = 512
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_context": self.max_context >= 2,
                   "cache_mb": self.cache_mb >= 0, "max_queue": self.max_queue >= 0,
+                  "passage_cache_mb": self.passage_cache_mb >= 0,
                   "port": 0 <= self.port <= 65535, "default_max_tokens": self.default_max_tokens >= 1}
         for name, ok in checks.items():
             if not ok:
@@ -99,6 +103,8 @@ class ServerConfig:
 def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastAPI:
     """The app for one model. Loads it (unless `loaded` is given) before returning, so a server built on
     this app answers /health only once it can answer requests."""
+    from kuaida.bot import make_passage_cache
+
     if loaded is None:
         from kuaida.bot import load_weights
 
@@ -109,7 +115,9 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
     scheduler = Scheduler(loaded.model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer, loaded.path),
                           max_batch=config.max_batch, max_context=config.max_context,
                           cache_budget_mb=config.cache_mb, max_queue=config.max_queue,
-                          enable_prefix_cache=config.prefix_cache)
+                          enable_prefix_cache=config.prefix_cache,
+                          passages=make_passage_cache(loaded.model, loaded.tokenizer,
+                                                      config.passage_cache_mb))
     store = SessionStore(config.db_path)
     metrics = ServerMetrics(scheduler)
     retriever = Retriever(config.kb_dir)

@@ -49,6 +49,16 @@ class SchedulerCollector:
                                 value=self.scheduler.queue_depth)
         yield GaugeMetricFamily("kuaida_batch_size", "Requests in the running batch.",
                                 value=len(self.scheduler.active))
+        if (passages := self.scheduler.passages) is not None:  # knowledge-base passages encoded once
+            p = passages.stats
+            yield CounterMetricFamily("kuaida_passage_cache_hits", "Passages whose cached KV was reused.",
+                                      value=p.hits)
+            yield CounterMetricFamily("kuaida_passage_cache_misses", "Passages encoded (then cached).",
+                                      value=p.misses)
+            yield CounterMetricFamily("kuaida_passage_cache_evictions", "Cached passages dropped for room.",
+                                      value=p.evictions)
+            yield GaugeMetricFamily("kuaida_passage_cache_bytes", "Memory held by cached passages.",
+                                    value=passages.nbytes)
 
 
 class ServerMetrics:

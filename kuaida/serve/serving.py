@@ -166,8 +166,8 @@ class OpenAIServing:
         return ModelList(data=[ModelCard(id=self.model_id, created=self.created)])
 
     # -- generation, shared by both APIs -------------------------------------------------------------
-    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        stream = self.scheduler.submit(prompt_ids, params, loop=asyncio.get_running_loop())
+    def _submit(self, prompt_ids: list[int], params: SamplingParams, spans=()) -> Generation:
+        stream = self.scheduler.submit(prompt_ids, params, loop=asyncio.get_running_loop(), spans=spans)
         return Generation(stream, self.metrics)
 
     async def _collect(self, generation: Generation, request: Request) -> str:
@@ -215,8 +215,9 @@ class OpenAIServing:
             messages = grounding.messages
         # Rendering is deterministic (same messages -> same ids), so a client resending its history
         # shares a token prefix with its last request and the scheduler reuses that KV cache.
-        prompt_ids = await asyncio.to_thread(render_prompt, self.tokenizer, messages)
-        generation = self._submit(prompt_ids, params)
+        spans: list[tuple[int, int]] = []  # where the passages are (the scheduler may take them cached)
+        prompt_ids = await asyncio.to_thread(render_prompt, self.tokenizer, messages, spans)
+        generation = self._submit(prompt_ids, params, spans)
         rid = "chatcmpl-" + secrets.token_hex(12)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -295,7 +296,7 @@ class OpenAIServing:
             raise BusyError(f"{self.scheduler.queue_depth} requests are already waiting; retry shortly")
         ground = partial(self.retriever.ground, base=knowledge.base, k=knowledge.k) if knowledge else None
         plan = await asyncio.to_thread(self.manager.prepare_turn, session, text, params.max_new_tokens, ground)
-        return self._submit(plan.prompt_ids, params), plan
+        return self._submit(plan.prompt_ids, params, plan.spans), plan
 
     async def _store_reply(self, session: Session, grounding: Grounding | None, text: str,
                            stats: GenerationStats) -> None:
