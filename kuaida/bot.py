@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from kuaida import kernels
 from kuaida.compress.quantize import DTYPES, dequantize, quantize
-from kuaida.dialogue.template import content_prefix_ids, end_of_turn_ids, render_prompt
+from kuaida.dialogue.template import passage_anchor_ids, end_of_turn_ids, render_prompt
 from kuaida.engine.generate import Engine
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.sequence import GenerationStats
@@ -56,14 +56,14 @@ class Bot:
 
 
 def make_passage_cache(model, tokenizer, budget_mb: int):
-    """A PassageCache for `model` (passages anchored after the chat template's opening), or None when
+    """A PassageCache for `model` (passages anchored after the opening of a grounded prompt), or None when
     budget_mb is 0 or the model is not kuaida's Transformer (a GRU, or a model run through transformers)."""
     from kuaida.engine.passages import PassageCache
     from kuaida.model.transformer import Transformer
 
     if budget_mb <= 0 or not isinstance(model, Transformer):
         return None
-    return PassageCache(model, content_prefix_ids(tokenizer), budget_mb)
+    return PassageCache(model, passage_anchor_ids(tokenizer), budget_mb)
 
 
 def load_weights(model: str = "default", dtype: str | None = "int8",

@@ -219,6 +219,8 @@ def test_cut_points_respect_exchanges_and_unanswered_turns():
     assert _cut_points([a, u, a, u]) == [0, 1, 3]  # a leading greeting goes on its own
     assert _cut_points([sys_, u]) == [0]
     assert kept_messages([sys_, sys_, u, a, u], 2) == [sys_, sys_, u]
+    # A knowledge-base turn's passages (a system message right before its user message) go with it.
+    assert _cut_points([sys_, u, a, sys_, u, a, sys_, u]) == [0, 2, 5]
 
 
 # -- manager with the real ChatML template -------------------------------------------------------

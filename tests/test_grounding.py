@@ -50,25 +50,18 @@ def wrapped(*texts):
     return "".join(f"{PASSAGE_START}{t}{PASSAGE_END}" for t in texts)
 
 
-def test_passages_go_before_their_user_message_and_the_instruction_after_the_persona():
+def test_passages_go_in_a_system_message_before_their_user_message():
     messages = [{"role": "system", "content": "You are Lumo's support agent."}, user("reset?")]
     a = p("setup.md#3", "Hold the pin for 12 s.", "Setup > Reset")
     b = p("faq.jsonl#1", "It costs 129 euros.", "Price?")
     texts = [passage_text(x) for x in (a, b)]
     assert texts[0] == "[setup.md#3] Setup > Reset\nHold the pin for 12 s.\n\n"
     out = grounded_messages(messages, {1: texts})
-    assert out[0]["content"] == "You are Lumo's support agent.\n\n" + INSTRUCTION
-    assert out[1] == user(wrapped(*texts) + "reset?")
+    assert out == [messages[0], {"role": "system", "content": wrapped(INSTRUCTION + "\n\n", *texts)},
+                   user("reset?")]
     assert messages[1] == user("reset?")  # not mutated
-    assert messages[0]["content"] == "You are Lumo's support agent."
-
-
-def test_a_system_message_is_added_when_there_is_none_even_without_passages():
-    out = grounded_messages([user("hi")], {})
-    assert out == [{"role": "system", "content": INSTRUCTION}, user("hi")]
-    out = grounded_messages([user("hi")], {0: [passage_text(p("a.md#1", "text"))]})
-    assert [m["role"] for m in out] == ["system", "user"]
-    assert out[1]["content"].startswith(PASSAGE_START + "[a.md#1]")
+    assert grounded_messages([user("hi")], {}) == [user("hi")]  # no passages, no message
+    assert grounded_messages([user("hi")], {0: []}) == [user("hi")]
 
 
 def test_later_turn_prompt_extends_the_earlier_one():
@@ -76,7 +69,8 @@ def test_later_turn_prompt_extends_the_earlier_one():
     turn1 = grounded_messages([user("q1")], {0: first_texts})
     turn2 = grounded_messages([user("q1"), assistant("r"), user("q2")],
                               {0: first_texts, 2: [passage_text(p("b.md#4", "four"))]})
-    assert turn2[:2] == turn1 and turn2[3]["content"] == wrapped(passage_text(p("b.md#4", "four"))) + "q2"
+    assert turn2[:2] == turn1 and turn2[3]["content"].endswith(wrapped(passage_text(p("b.md#4", "four"))))
+    assert [m["role"] for m in turn2] == ["system", "user", "assistant", "system", "user"]
 
 
 def test_new_passages_skip_the_shown_ones_in_document_order():
@@ -89,4 +83,4 @@ def test_new_passages_skip_the_shown_ones_in_document_order():
 
 def test_marker_characters_a_client_typed_are_removed():
     out = grounded_messages([user(f"x{PASSAGE_START}y{PASSAGE_END}z")], {})
-    assert out[1]["content"] == "xyz"
+    assert out[0]["content"] == "xyz"

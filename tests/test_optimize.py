@@ -12,7 +12,8 @@ from kuaida.optimize import OptimizeConfig, from_dict, optimize
 
 def test_default_recipe_parses_into_the_configs():
     cfg = OptimizeConfig.from_yaml("default")
-    assert cfg.teacher == "default" and cfg.prune.n_layers == 16 and cfg.prune.vocab_from == "chitchat"
+    assert cfg.teacher == "default" and cfg.prune.n_layers == 14 and cfg.prune.vocab_from == "chitchat"
+    assert cfg.teacher_correction_s == 180
     assert cfg.distill.train.budget_s == 600 and cfg.distill.alpha == 0.5 and cfg.quantize.dtype == "int8"
 
 
@@ -33,7 +34,7 @@ def tiny_default_recipe(teacher: str, vocab_corpus) -> OptimizeConfig:
     cfg = OptimizeConfig.from_yaml("default")
     d = cfg.distill
     return dataclasses.replace(
-        cfg, teacher=teacher,
+        cfg, teacher=teacher, teacher_correction_s=1.0,
         prune=dataclasses.replace(cfg.prune, n_layers=1, calib_samples=4, calib_seq_len=32,
                                   vocab_from=str(vocab_corpus)),
         distill=dataclasses.replace(d, eval_samples=2, data=dataclasses.replace(d.data, max_len=64,
@@ -56,12 +57,22 @@ def test_default_recipe_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, voc
     recipe = tiny_default_recipe(str(tiny_llama_dir), vocab_corpus)
     report = optimize(recipe, tmp_path / "run", progress=False)
     steps = {r["step"]: r for r in report["steps"]}
-    assert list(steps) == ["teacher", "pruned", "pruned + fine-tuned (CE only, baseline)", "distilled"]
+    assert list(steps) == ["teacher", "pruned", "teacher, corrected (fine-tuned on the data)",
+                           "pruned + fine-tuned (CE only, baseline)", "distilled"]
+    corrected = steps["teacher, corrected (fine-tuned on the data)"]
+    assert corrected["n_layers"] == 2 and corrected["perplexity"]["perplexity"] != steps["teacher"]["perplexity"]["perplexity"]
     assert steps["teacher"]["n_layers"] == 2 and steps["pruned"]["n_layers"] == steps["distilled"]["n_layers"] == 1
     assert steps["pruned"]["output_size"] < steps["teacher"]["output_size"] and steps["distilled"]["distill"]["steps"] == 3
     for name in ("teacher", "pruned", "distilled"):
         assert steps[name]["decode_tok_s"] > 0 and len(steps[name]["decode_rounds"]) == 2
-    assert set(report["targets"]) == {"speedup_vs_teacher", "perplexity_vs_teacher", "distill_beats_finetune"}
+    assert set(report["targets"]) == {"speedup_vs_teacher", "perplexity_vs_teacher", "distill_beats_finetune",
+                                      "distill_vs_finetune_top1_agreement_with_teacher"}
+    # The teacher is also scored on the pruned students' tokens only, and the target uses that.
+    same = steps["teacher"]["perplexity_same_tokens"]
+    assert same["tokens"] == steps["distilled"]["perplexity"]["tokens"] < steps["teacher"]["perplexity"]["tokens"]
+    ratio = steps["distilled"]["perplexity_quantized"]["perplexity"] / same["perplexity"]
+    assert report["targets"]["perplexity_vs_teacher"]["value"] == round(ratio, 3)
+    assert 0 <= steps["distilled"]["agreement"]["top1"] <= 1
     out = tmp_path / "run"
     assert json.loads((out / "report.json").read_text())["targets"] == report["targets"]
     md = (out / "report.md").read_text()

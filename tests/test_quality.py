@@ -173,3 +173,21 @@ def test_evaluate_report(tiny_llama_dir, tmp_path):
     assert report["perplexity_ratio"] == pytest.approx(1.0)
     assert report["agreement"]["top1"] == 1.0 and report["greedy"]["exact"] == 1.0
     json.dumps(report)  # JSON-ready
+
+
+def test_only_ids_scores_the_same_tokens_as_a_pruned_student():
+    model = tiny()
+    kept = list(range(0, 256, 2))
+    exs = examples(6, vocab=256)
+    student = perplexity(pruned(model, kept), exs, progress=False)
+    same = perplexity(model, exs, progress=False, only_ids=torch.tensor(kept))
+    assert (same.tokens, same.uncovered) == (student.tokens, student.uncovered)
+    # The full model on those tokens: its own probabilities (normalized over all 256 ids), position by position.
+    nll = 0.0
+    with torch.no_grad():
+        for e in exs:
+            logp = model(torch.tensor([e.input_ids]))[0].log_softmax(-1)
+            nll -= sum(logp[t - 1, e.input_ids[t]].item() for t in range(1, len(e.labels))
+                       if e.labels[t] != IGNORE and e.labels[t] % 2 == 0)
+    assert same.nll == pytest.approx(nll / same.tokens, rel=1e-5)
+    assert same.nll > student.nll  # renormalizing on fewer ids can only raise each probability

@@ -17,19 +17,25 @@ QUESTION = [{"role": "user", "content": "reset pinhole?"}]
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_llama_dir):
-    return load_model(str(tiny_llama_dir))
+def model_dir(make_hf_dir):
+    # Grounded prompts (instruction + passages, byte-level tiny tokenizer) outgrow the usual 256 positions.
+    return make_hf_dir("llama", tie_word_embeddings=True, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_model(str(model_dir))
 
 
 @pytest.fixture
-def client(loaded, tiny_llama_dir, tmp_path, monkeypatch):
+def client(loaded, model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(kb_base, "default_embedder", HashEmbedder)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "reset.txt").write_text("Hold the reset pinhole 12 s.")
     (tmp_path / "docs" / "price.txt").write_text("The hub costs 129 euros.")
     with create_kb("hub", root=tmp_path / "kb", embedder=HashEmbedder()) as kb:
         assert kb.add([tmp_path / "docs"]).chunks == 2
-    config = ServerConfig(model=str(tiny_llama_dir), max_context=256, cache_mb=1, max_batch=2,
+    config = ServerConfig(model=str(model_dir), max_context=1024, cache_mb=4, max_batch=2,
                           db=tmp_path / "sessions.db", kb_dir=tmp_path / "kb", knowledge_bases=("hub",))
     with TestClient(create_app(config, loaded)) as c:
         yield c

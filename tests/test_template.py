@@ -1,4 +1,6 @@
 """Prompt assembly: the checkpoint's chat template, and no control tokens from user text."""
+import copy
+
 import pytest
 
 from kuaida.dialogue.template import render_prompt, validate_messages
@@ -35,7 +37,7 @@ def test_malformed_messages_are_refused(bad):
 
 def test_passages_are_tokenized_on_their_own_and_their_spans_reported(tok):
     from kuaida.dialogue.grounding import PASSAGE_END, PASSAGE_START
-    from kuaida.dialogue.template import content_prefix_ids
+    from kuaida.dialogue.template import passage_anchor_ids
 
     passages = ["[a.md#1] Setup\nHello! How are you?\n\n", "[b.md#2]\nThe quick brown fox.\n\n"]
     content = "".join(f"{PASSAGE_START}{t}{PASSAGE_END}" for t in passages) + "What is the capital?"
@@ -46,9 +48,22 @@ def test_passages_are_tokenized_on_their_own_and_their_spans_reported(tok):
     for (s, e), text in zip(spans, passages):
         assert ids[s:e] == tok.encode(text, add_special_tokens=False)  # the same tokens anywhere
     assert PASSAGE_START not in tok.decode(ids) and "What is the capital?" in tok.decode(ids[spans[1][1]:])
-    # The anchor passages are encoded after: the template's opening up to a first user message's content.
-    anchor = content_prefix_ids(tok)
-    assert tok.decode(anchor).endswith("<|im_start|>user\n")
+    # The anchor passages are encoded after: a grounded prompt's opening, up to its first passage.
+    anchor = passage_anchor_ids(tok)
+    assert tok.decode(anchor) == "<|im_start|>system\n"
     # Without passages the spans list stays empty and the prompt is the template's own tokenization.
     plain, none = [{"role": "user", "content": "hi"}], []
     assert render_prompt(tok, plain, none) == render_prompt(tok, plain) and none == []
+
+
+def test_a_template_that_refuses_a_later_system_message_gets_it_in_the_next_user_message(tok):
+    strict = tok.chat_template.replace("{% for message in messages %}", "{% for message in messages %}"
+                                       "{% if message['role'] == 'system' and not loop.first %}"
+                                       "{{ raise_exception('system only first') }}{% endif %}", 1)
+    assert strict != tok.chat_template
+    tok2 = copy.deepcopy(tok)
+    tok2.chat_template = strict
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "system", "content": "Passages here."}, {"role": "user", "content": "and then?"}]
+    text = tok2.decode(render_prompt(tok2, messages))
+    assert "Passages here.\n\nand then?" in text and text.count("<|im_start|>system") == 0

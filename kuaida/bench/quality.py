@@ -133,14 +133,24 @@ def heldout_prompts(tokenizer: Any, data: DataConfig, n: int) -> list[list[int]]
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, examples: list[Example], batch_size: int = 4,
-               progress: bool = True) -> PerplexityResult:
-    """Teacher-forced perplexity of `model` on the labelled (assistant) tokens of `examples`."""
+               progress: bool = True, only_ids: torch.Tensor | None = None) -> PerplexityResult:
+    """Teacher-forced perplexity of `model` on the labelled (assistant) tokens of `examples`.
+
+    `only_ids` (1-D token ids): score only reply tokens among them, the others count as uncovered. E.g.
+    a teacher on exactly the tokens a pruned-vocabulary student is scored on (same tokens, fair ratio);
+    the teacher's probabilities stay normalized over its whole vocabulary."""
     nll, covered, uncovered = 0.0, 0, 0
+    keep = None
+    if only_ids is not None:
+        keep = torch.zeros(int(only_ids.max()) + 1 if only_ids.numel() else 1, dtype=torch.bool)
+        keep[only_ids] = True
     for batch in _batches(examples, batch_size, "perplexity", progress):
         logits, targets = _label_rows(model(batch.input_ids), batch.labels)
         for rows, tgt in zip(logits.split(ROW_CHUNK), targets.split(ROW_CHUNK)):
             picked = rows.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1)  # [n] log p(label)
             ok = torch.isfinite(picked)
+            if keep is not None:
+                ok &= (tgt < keep.numel()) & keep[tgt.clamp(max=keep.numel() - 1)]
             nll -= picked[ok].double().sum().item()
             covered += int(ok.sum())
             uncovered += int((~ok).sum())

@@ -82,11 +82,14 @@ def _leading_system(messages: list[dict]) -> int:
 def _cut_points(messages: list[dict]) -> list[int]:
     """Numbers of messages that can be dropped without splitting an exchange, ascending from 0.
 
-    Each droppable unit starts at a user message (the first may start with whatever follows the system
-    messages, e.g. an assistant greeting) and runs to the next user message; the last unit ends where
-    the latest user message begins (or at the last message, when there is no user message)."""
+    Each droppable unit starts at a user message, or at the system message right before it (the passages
+    of a knowledge-base turn), the first may start with whatever follows the leading system messages
+    (e.g. an assistant greeting), and runs to the next unit; the last unit ends where the latest user
+    message (with its passages) begins (or at the last message, when there is no user message)."""
     head = _leading_system(messages)
-    users = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
+    # A system message right before a user message (a knowledge-base turn's passages) goes with it.
+    users = [i - 1 if i - 1 > head and messages[i - 1]["role"] == "system" else i
+             for i in range(head, len(messages)) if messages[i]["role"] == "user"]
     tail = users[-1] if users else max(head, len(messages) - 1)
     starts = [head] + [i for i in users if head < i < tail] + ([tail] if tail > head else [])
     return [s - head for s in starts]

@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from kuaida.dialogue.grounding import PASSAGE, PASSAGE_START
 from kuaida.errors import InvalidArgumentError
 
@@ -48,11 +50,10 @@ def render_prompt(tokenizer, messages: list[dict[str, str]],
     msgs = validate_messages(messages)
     specials = _special_strings(tokenizer)
     if not any(PASSAGE_START in m["content"] or any(s in m["content"] for s in specials) for m in msgs):
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(_apply_template(tokenizer, msgs), add_special_tokens=False)
     # Render with placeholders, then tokenize the template's text and each content separately.
     marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(msgs)]
-    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    text = _apply_template(tokenizer, marked)
     ids: list[int] = []
     for j, part in enumerate(_MARK.split(text)):  # even parts: template text; odd: message index
         if j % 2 == 0:
@@ -68,13 +69,37 @@ def render_prompt(tokenizer, messages: list[dict[str, str]],
     return ids
 
 
-def content_prefix_ids(tokenizer) -> list[int]:
-    """The template's tokens before the content of a conversation's first user message (its default
-    system prompt, if it has one, and the user header): the context a passage is encoded in when it is
-    encoded on its own (kuaida.engine.passages)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "\ue000"}], tokenize=False,
-                                         add_generation_prompt=False)
-    return tokenizer.encode(text.split("\ue000")[0], add_special_tokens=False)
+def passage_anchor_ids(tokenizer) -> list[int]:
+    """What a knowledge-base passage is encoded after when it is encoded on its own
+    (kuaida.engine.passages): the tokens before the first block of a conversation that opens with a
+    turn's passages (the template's opening and the system message header)."""
+    from kuaida.dialogue.grounding import passages_message
+
+    spans: list[tuple[int, int]] = []
+    ids = render_prompt(tokenizer, [passages_message(["x"]), {"role": "user", "content": "x"}], spans)
+    return ids[:spans[0][0]]
+
+
+def _apply_template(tokenizer, msgs: list[dict[str, str]]) -> str:
+    """The template's text; a template that refuses a system message after the first message (some
+    insist on one leading system prompt) gets each such message put at the start of the next user
+    message instead (a knowledge-base turn's passages)."""
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        if not any(m["role"] == "system" for m in msgs[1:]):
+            raise
+    merged: list[dict[str, str]] = []
+    carry = ""
+    for i, m in enumerate(msgs):
+        if m["role"] == "system" and i > 0:
+            carry += m["content"] + "\n\n"
+        elif carry and m["role"] == "user":
+            merged.append({**m, "content": carry + m["content"]})
+            carry = ""
+        else:
+            merged.append(m)
+    return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
 
 def _special_strings(tokenizer) -> list[str]:

@@ -47,21 +47,27 @@ def prefill_prompt(model: torch.nn.Module, cache, prompt: list[int], n_cached: i
     its last token [1, V].
 
     With a PassageCache (kuaida.engine.passages), the passage `spans` ([start, end) token positions,
-    ascending) are written from it instead of being prefilled. A span the cached prefix ends inside is
-    written whole (its first tokens are the same either way: a passage's encoding depends on nothing
-    before it); a span that reaches the prompt's last token is prefilled (that token's logits start the
-    reply)."""
-    pos, logits = n_cached, None
-    if passages is not None:
-        for s, e in spans:
-            if e <= pos or e >= len(prompt) or not passages.fits(e - s):
-                continue
-            if s > pos:
-                logits = prefill(model, cache, prompt[pos:s], pos, row)
-            passages.write(cache, row, s, prompt[s:e])
-            pos = e
-    tail = prefill(model, cache, prompt[pos:], pos, row)
-    return tail if tail is not None else logits
+    ascending) are written from it first, then every other new token goes through the model in one
+    forward at its own position (positions with gaps; each token attends to every cache slot up to its
+    position, passages included), so a prompt costs one forward however many passages it holds. A span
+    the cached prefix ends inside is written whole (its first tokens are the same either way: a
+    passage's encoding depends on nothing before it); a span that reaches the prompt's last token is
+    prefilled (that token's logits start the reply)."""
+    if passages is None or not spans:
+        return prefill(model, cache, prompt[n_cached:], n_cached, row)
+    written = []
+    for s, e in spans:
+        if e <= n_cached or e >= len(prompt) or not passages.fits(e - s):
+            continue
+        passages.write(cache, row, s, prompt[s:e])
+        written.append((s, e))
+    todo = [p for p in range(n_cached, len(prompt)) if not any(s <= p < e for s, e in written)]
+    logits = None
+    for lo in range(0, len(todo), PREFILL_CHUNK):
+        pos = todo[lo:lo + PREFILL_CHUNK]
+        logits = model(torch.tensor([[prompt[p] for p in pos]]), torch.tensor([pos]), cache,
+                       rows=slice(row, row + 1), last_only=True)[:, -1]
+    return logits
 
 
 class Engine:

@@ -36,12 +36,14 @@ class KVCache:
         positions of those rows ([B, H, span, D])."""
         kc, vc = self.k[layer], self.v[layer]
         if isinstance(rows, slice) and positions.shape[0] == 1:
-            # One sequence, contiguous positions (prefill or single-stream decode): a plain slice copy.
             start = int(positions[0, 0])  # note: a sync point, cheap on CPU
             t = positions.shape[1]
-            kc[rows, :, start:start + t] = k
-            vc[rows, :, start:start + t] = v
-            return kc[rows, :, :span].to(k.dtype), vc[rows, :, :span].to(v.dtype)
+            if int(positions[0, -1]) - start == t - 1:
+                # One sequence, contiguous positions (prefill or single-stream decode): a plain slice copy.
+                kc[rows, :, start:start + t] = k
+                vc[rows, :, start:start + t] = v
+                return kc[rows, :, :span].to(k.dtype), vc[rows, :, :span].to(v.dtype)
+            # Increasing positions with gaps (a prompt around passages written from a passage cache).
         row_idx = torch.arange(kc.shape[0])[rows] if isinstance(rows, slice) else rows
         # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
         kc[row_idx[:, None], :, positions] = k.transpose(1, 2).to(kc.dtype)
