@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -269,3 +270,22 @@ def test_report_against_a_running_server(fake_server, tmp_path):
     pytest.importorskip("matplotlib")
     load.plot_load(report, tmp_path / "load.png")
     assert (tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_llamacpp_peer_queues_concurrent_requests_instead_of_aborting_them():
+    """llama-cpp-python's server aborts the request in flight when another arrives unless told not to."""
+    import argparse
+
+    pytest.importorskip("llama_cpp.server.cli", reason="the llama.cpp peer is an optional extra")
+    from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    from kuaida.bench.load import llamacpp_command
+
+    cmd = llamacpp_command(Path("m.gguf"), 8081, 4096)
+    parser = argparse.ArgumentParser()
+    add_args_from_model(parser, ModelSettings)
+    add_args_from_model(parser, ServerSettings)
+    args = parser.parse_args(cmd[3:])  # after: python -m llama_cpp.server
+    assert parse_model_from_args(ServerSettings, args).interrupt_requests is False
+    assert parse_model_from_args(ModelSettings, args).n_ctx == 4096
