@@ -21,6 +21,8 @@ from kuaida.kernels import reference as ref
 ACT_MAX = 16256  # the kernels' activation grid per 32-block: integers in [-16256, 16256]
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="C++ kernels unavailable (no compiler/AVX2)")
+needs_vnni = pytest.mark.skipif(not kernels.available() or not kernels._load().has_avx512_vnni(),
+                                reason="CPU without AVX-512 VNNI")
 
 # K = 96: an odd number of 32-blocks (the int4 kernel works on block pairs plus a last single block).
 SHAPES = [(m, k, n) for m in (1, 3, 17, 64) for k in (64, 96, 576, 1536) for n in (5, 192, 577)]
@@ -39,9 +41,12 @@ def make(dtype: str, n: int, k: int, group: int = 32, seed: int = 0):
     return (q, d, m), deq, deq - m.float().repeat_interleave(group, dim=1)
 
 
-def kernel_op(dtype: str):
+def kernel_op(dtype: str, avx512: bool | None = None):
+    """The integer kernel of `dtype` (x, *weights, bias); avx512: its path, by default the one the ops use."""
     ext = kernels._load()
-    return ext.int8_linear if dtype == "int8" else ext.int4_linear
+    op = ext.int8_linear if dtype == "int8" else ext.int4_linear
+    isa = kernels.avx512() if avx512 is None else avx512
+    return lambda *args: op(*args, isa)
 
 
 def block_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +61,13 @@ def fake_quant_acts(x: torch.Tensor) -> torch.Tensor:
     # torch computes `c / a` as c * (1 / a), which can differ in the last bit: divide for real.
     inv = torch.where(a > 0, torch.full_like(a, ACT_MAX).div(a), torch.zeros_like(a))
     return (x * inv).round() * (a / ACT_MAX)
+
+
+def emulation(x, deq, scaled, bias):
+    """What the kernels compute, in PyTorch: int4's min term on exact x, the scaled part on quantized x;
+    and the scale of the outputs, for tolerances."""
+    expect = F.linear(fake_quant_acts(x), scaled, bias) + F.linear(x, deq - scaled)
+    return expect, F.linear(x.abs(), deq.abs()) + (0 if bias is None else bias.abs())
 
 
 def inputs(m: int, k: int, n: int, with_bias: bool):
@@ -73,9 +85,7 @@ def test_kernel_matches_emulation(dtype, with_bias, m, k, n):
     wargs, deq, scaled = make(dtype, n, k)
     x, bias = inputs(m, k, n, with_bias)
     y = kernel_op(dtype)(x, *wargs, bias)
-    # int4: the min term is applied to exact x; the scaled part to quantized x.
-    expect = F.linear(fake_quant_acts(x), scaled, bias) + F.linear(x, deq - scaled)
-    scale = F.linear(x.abs(), deq.abs()) + (0 if bias is None else bias.abs())
+    expect, scale = emulation(x, deq, scaled, bias)
     torch.testing.assert_close(y, expect, rtol=0, atol=(1e-5 * scale.max()).item())
 
 
@@ -85,7 +95,11 @@ def test_kernel_matches_emulation(dtype, with_bias, m, k, n):
 def test_kernel_matches_exact(dtype, m, k, n):
     wargs, deq, scaled = make(dtype, n, k)
     x, bias = inputs(m, k, n, True)
-    y = kernel_op(dtype)(x, *wargs, bias)
+    assert_within_act_rounding(kernel_op(dtype)(x, *wargs, bias), x, deq, scaled, bias)
+
+
+def assert_within_act_rounding(y, x, deq, scaled, bias):
+    """y is the exact dequantized-weights matmul (the reference fallback) up to the activation rounding."""
     exact = F.linear(x, deq, bias)
     bound = F.linear(block_absmax(x) / (2 * ACT_MAX), scaled.abs()) * 1.001 + 1e-5 * F.linear(x.abs(), deq.abs())
     assert ((y - exact).abs() <= bound).all()
@@ -101,15 +115,58 @@ def test_kernel_larger_groups(dtype, group):
     torch.testing.assert_close(kernel_op(dtype)(x, *wargs, None), expect, rtol=0, atol=1e-4)
 
 
+@needs_vnni
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("k,group", [(96, 32), (576, 64), (1536, 32)])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 16, 33, 64])
+def test_avx512_path_matches_avx2_and_emulation(dtype, with_bias, k, group, m):
+    """The AVX-512 VNNI path computes the same integers as the AVX2 one (odd N: a partial row tile; K = 96:
+    a last single block; M: full and partial activation tiles); only fp32 summation order differs."""
+    n = 77
+    wargs, deq, scaled = make(dtype, n, k, group)
+    x, bias = inputs(m, k, n, with_bias)
+    y512, y2 = kernel_op(dtype, True)(x, *wargs, bias), kernel_op(dtype, False)(x, *wargs, bias)
+    expect, scale = emulation(x, deq, scaled, bias)
+    atol = (1e-5 * scale.max()).item()
+    torch.testing.assert_close(y512, y2, rtol=0, atol=atol)
+    torch.testing.assert_close(y512, expect, rtol=0, atol=atol)
+    assert_within_act_rounding(y512, x, deq, scaled, bias)
+
+
+@needs_kernels
+def test_no_avx512_env_switch(monkeypatch):
+    """KUAIDA_NO_AVX512=1 sends the public ops to the AVX2 path (bit for bit); unset, they take the AVX-512
+    one where the CPU has it (whose fp32 sums, in another order, differ in the last bits)."""
+    wargs, _, _ = make("int8", 77, 576)
+    x, bias = inputs(3, 576, 77, True)
+    monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
+    assert not kernels.avx512()
+    y2 = kernels.int8_linear(x, *wargs, bias)
+    assert torch.equal(y2, kernel_op("int8", False)(x, *wargs, bias))
+    monkeypatch.delenv("KUAIDA_NO_AVX512")
+    assert kernels.avx512() == kernels._load().has_avx512_vnni()
+    y = kernels.int8_linear(x, *wargs, bias)
+    assert torch.equal(y, kernel_op("int8", kernels.avx512())(x, *wargs, bias))
+    if kernels.avx512():
+        assert not torch.equal(y, y2)
+    else:
+        with pytest.raises(RuntimeError, match="without AVX-512 VNNI"):
+            kernel_op("int8", True)(x, *wargs, bias)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_kernel_dequantize_is_exact(dtype, bf16):
-    """fp32: bit-exact; bf16: bit-exact with torch's rounding (to nearest even)."""
+@pytest.mark.parametrize("avx512", [False, True])
+def test_kernel_dequantize_is_exact(dtype, bf16, avx512):
+    """fp32: bit-exact; bf16: bit-exact with torch's rounding (to nearest even), by either path (avx512 on
+    a CPU without AVX512-BF16 takes the AVX2 one)."""
     wargs, deq, _ = make(dtype, 33, 1536, 64)
     ext = kernels._load()
     out = torch.empty(33, 1536, dtype=torch.bfloat16 if bf16 else torch.float32)
-    got = ext.int8_dequantize(*wargs, out) if dtype == "int8" else ext.int4_dequantize(*wargs, out)
+    op = ext.int8_dequantize if dtype == "int8" else ext.int4_dequantize
+    got = op(*wargs, out, avx512)
     assert got is out and torch.equal(out, deq.bfloat16() if bf16 else deq)
 
 
@@ -117,7 +174,8 @@ def test_kernel_dequantize_is_exact(dtype, bf16):
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("m", [1, 7, 12, 20, 130])
 @pytest.mark.parametrize("bf16_fast", [False, True])
-def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, monkeypatch):
+@pytest.mark.parametrize("no_avx512", [False, True])
+def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, no_avx512, monkeypatch):
     """The public ops against the pure PyTorch fallback, on 3-d input with a bias, on both kinds of CPU
     (with or without native bf16 GEMM), at row counts on both sides of the GEMM thresholds. Integer
     kernel: the activation-quantization bound above; fp32 GEMM is exact up to rounding, well inside it.
@@ -127,12 +185,15 @@ def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, monkeypatch):
     x = x[None]  # [1, m, 576]
     op = kernels.int8_linear if dtype == "int8" else kernels.int4_linear
     monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: bf16_fast)
+    if no_avx512:
+        monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
+    bf16_rows = (kernels.BF16_GEMM_MIN_ROWS if kernels.avx512() else kernels.BF16_GEMM_MIN_ROWS_AVX2)[dtype]
     y = op(x, *wargs, bias)
     monkeypatch.setattr(kernels, "_load", lambda: None)
     fallback = op(x, *wargs, bias)
     assert fallback.shape == y.shape == (1, m, 192)
     torch.testing.assert_close(fallback, F.linear(x, deq, bias), rtol=0, atol=1e-5)
-    if bf16_fast and m >= kernels.BF16_GEMM_MIN_ROWS[dtype]:
+    if bf16_fast and m >= bf16_rows:
         bound = 2**-7 * 1.01 * F.linear(x[0].abs(), deq.abs()) + 1e-5
     elif not bf16_fast and m >= kernels.FP32_GEMM_MIN_ROWS[dtype]:
         bound = torch.full_like(fallback[0], 1e-5)  # the same fp32 GEMM as the fallback

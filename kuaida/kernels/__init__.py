@@ -4,8 +4,9 @@
 [..., N] fp32. They run the integer kernel, which reads each weight byte once, except for many rows
 (prefill), where dequantizing the layer and calling a GEMM library is faster: bf16 GEMM (oneDNN) on CPUs
 with native bf16 dot products (AVX512-BF16), fp32 GEMM (MKL) elsewhere. Thresholds are measured
-(benchmarks/results/kernels.md). Without the kernels (no compiler, no AVX2, KUAIDA_NO_KERNELS=1) both go
-to `reference`: the same weights, fp32 activations, slower.
+(benchmarks/results/kernels.md). The integer kernel has an AVX-512 VNNI path, used where the CPU has it
+unless KUAIDA_NO_AVX512=1 (then the AVX2 one). Without the kernels (no compiler, no AVX2,
+KUAIDA_NO_KERNELS=1) both go to `reference`: the same weights, fp32 activations, slower.
 """
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ log = logging.getLogger(__name__)
 _SOURCES = {name: Path(__file__).with_name(f"{name}.cpp") for name in ("qgemm", "attention")}
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
-# Rows from which dequantize + GEMM beats the integer kernel (crossovers measured over the model's layers,
-# one thread; benchmarks/results/kernels.md): with native bf16, bf16 GEMM from ~9 rows (int8), ~14 (int4);
-# without, fp32 GEMM from ~48 (int8), ~128 (int4).
-BF16_GEMM_MIN_ROWS = {"int8": 10, "int4": 14}
+# Rows from which dequantize + GEMM beats the integer kernel (crossovers measured over the model's layers, one
+# thread; benchmarks/results/kernels.md). With native bf16, bf16 GEMM: with the AVX-512 paths (VNNI kernel,
+# AVX512-BF16 dequantize) from ~18 rows (int8), ~15 (int4); with the AVX2 ones (KUAIDA_NO_AVX512=1) from ~9
+# (int8), ~14 (int4). Without native bf16, fp32 GEMM from ~48 (int8), ~128 (int4), measured against the AVX2
+# kernel (AVX-512 VNNI without AVX512-BF16 would move them up: not measured).
+BF16_GEMM_MIN_ROWS = {"int8": 18, "int4": 15}
+BF16_GEMM_MIN_ROWS_AVX2 = {"int8": 10, "int4": 14}
 FP32_GEMM_MIN_ROWS = {"int8": 48, "int4": 128}
 
 
@@ -70,6 +74,17 @@ def _load(name: str = "qgemm") -> ModuleType | None:
 
 
 @functools.cache
+def _has_avx512_vnni() -> bool:
+    return (ext := _load()) is not None and ext.has_avx512_vnni()
+
+
+def avx512() -> bool:
+    """True when the kernels take their AVX-512 paths (VNNI matmul; bf16 dequantize where AVX512-BF16): the
+    CPU has VNNI and KUAIDA_NO_AVX512 is not 1 (read on every call, so tests can switch it)."""
+    return _has_avx512_vnni() and os.environ.get("KUAIDA_NO_AVX512") != "1"
+
+
+@functools.cache
 def bf16_gemm_is_fast() -> bool:
     """True on CPUs with native bf16 dot products (AVX512-BF16): there oneDNN's bf16 GEMM is ~4x faster
     than fp32 GEMM at many rows; elsewhere it is ~4x slower."""
@@ -102,13 +117,15 @@ def weight_buffer(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[: n * k].view(n, k)
 
 
-def _gemm_dtype(x: torch.Tensor, dtype: str, n: int) -> torch.dtype | None:
-    """The dtype to dequantize an [n, K] `dtype` weight to for a GEMM library, or None: integer kernel."""
+def _gemm_dtype(x: torch.Tensor, dtype: str, n: int, wide: bool) -> torch.dtype | None:
+    """The dtype to dequantize an [n, K] `dtype` weight to for a GEMM library, or None: integer kernel
+    (its AVX-512 path if `wide`)."""
     k = x.shape[-1]
     if n * k > SCRATCH_MAX_ELEMENTS:
         return None
     if bf16_gemm_is_fast():
-        return torch.bfloat16 if x.numel() >= BF16_GEMM_MIN_ROWS[dtype] * k else None
+        rows = (BF16_GEMM_MIN_ROWS if wide else BF16_GEMM_MIN_ROWS_AVX2)[dtype]
+        return torch.bfloat16 if x.numel() >= rows * k else None
     return torch.float32 if x.numel() >= FP32_GEMM_MIN_ROWS[dtype] * k else None
 
 
@@ -124,9 +141,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, bias: torch.T
     ext = _load()
     if ext is None:
         return reference.int8_linear(x.float(), q, d, bias)
-    if (gemm := _gemm_dtype(x, "int8", q.shape[0])) is not None:
-        return _gemm(x, ext.int8_dequantize(q, d, weight_buffer(*q.shape, gemm)), bias)
-    return ext.int8_linear(_fp32(x), q, d, bias)
+    wide = avx512()
+    if (gemm := _gemm_dtype(x, "int8", q.shape[0], wide)) is not None:
+        return _gemm(x, ext.int8_dequantize(q, d, weight_buffer(*q.shape, gemm), wide), bias)
+    return ext.int8_linear(_fp32(x), q, d, bias, wide)
 
 
 def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
@@ -135,9 +153,11 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tens
     ext = _load()
     if ext is None:
         return reference.int4_linear(x.float(), q, d, m, bias)
-    if (gemm := _gemm_dtype(x, "int4", q.shape[0])) is not None:
-        return _gemm(x, ext.int4_dequantize(q, d, m, weight_buffer(q.shape[0], q.shape[1] * 2, gemm)), bias)
-    return ext.int4_linear(_fp32(x), q, d, m, bias)
+    wide = avx512()
+    if (gemm := _gemm_dtype(x, "int4", q.shape[0], wide)) is not None:
+        w = ext.int4_dequantize(q, d, m, weight_buffer(q.shape[0], q.shape[1] * 2, gemm), wide)
+        return _gemm(x, w, bias)
+    return ext.int4_linear(_fp32(x), q, d, m, bias, wide)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,

@@ -10,13 +10,16 @@ effective GB/s of weight bytes read.
 
 Formats: fp32, bf16 (bf16 GEMM), bf16-upcast (fp32 GEMM on the upcast weight), int8 / int4 (the library's
 ops, which pick the integer kernel or bf16 GEMM by row count), and to measure those choices:
--kernel (integer kernel at any M), -bf16 (dequantize to bf16 + bf16 GEMM), -gemm (to fp32 + fp32 GEMM).
+-kernel (integer kernel at any M, AVX-512 VNNI path where the CPU has it), -avx2 (integer kernel, AVX2 path),
+-bf16 (dequantize to bf16 + bf16 GEMM; -bf16-avx2: dequantize with the AVX2 code), -gemm (to fp32 + fp32 GEMM).
+The library's AVX-512 paths follow KUAIDA_NO_AVX512 (set to 1 for the AVX2 ones everywhere).
 "layers/head" uses one format for the 30 layers and another for the output layer, e.g. int4/int8 (what
 `quantize(model, "int4")` builds).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -44,11 +47,18 @@ def _int_op(variant: str, ext, int4: bool, wargs: tuple[torch.Tensor, ...]) -> L
     kernel = ext.int4_linear if int4 else ext.int8_linear
     dequantize = ext.int4_dequantize if int4 else ext.int8_dequantize
     n, k = wargs[0].shape[0], wargs[0].shape[1] * (2 if int4 else 1)
+
+    def deq(dtype: torch.dtype, avx512: bool | None = None) -> torch.Tensor:
+        wide = kernels.avx512() if avx512 is None else avx512
+        return dequantize(*wargs, kernels.weight_buffer(n, k, dtype), wide)
+
     return {
         "": lambda x: public(x, *wargs),
-        "-kernel": lambda x: kernel(x, *wargs, None),
-        "-bf16": lambda x: F.linear(x.bfloat16(), dequantize(*wargs, kernels.weight_buffer(n, k, torch.bfloat16))).float(),
-        "-gemm": lambda x: F.linear(x, dequantize(*wargs, kernels.weight_buffer(n, k, torch.float32))),
+        "-kernel": lambda x: kernel(x, *wargs, None, kernels.avx512()),
+        "-avx2": lambda x: kernel(x, *wargs, None, False),
+        "-bf16": lambda x: F.linear(x.bfloat16(), deq(torch.bfloat16)).float(),
+        "-bf16-avx2": lambda x: F.linear(x.bfloat16(), deq(torch.bfloat16, False)).float(),
+        "-gemm": lambda x: F.linear(x, deq(torch.float32)),
     }[variant]
 
 
@@ -107,7 +117,8 @@ def main() -> None:
         raise SystemExit("the kuaida kernels are not available on this machine")
     built = {spec: build(spec, not args.no_head) for spec in args.formats}
     print(f"threads={args.threads}, output layer {'left out' if args.no_head else 'included'}, "
-          f"{args.repeats} repeats, native bf16 GEMM: {kernels.bf16_gemm_is_fast()}\n")
+          f"{args.repeats} repeats, native bf16 GEMM: {kernels.bf16_gemm_is_fast()}, "
+          f"AVX-512 kernels: {kernels.avx512()}, load average {os.getloadavg()[0]:.2f}\n")
     print("| format | M | ms / forward (median) | best | ms / token | weight MB | GB/s (median) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for rows in args.rows:
@@ -115,6 +126,7 @@ def main() -> None:
             t, nbytes = statistics.median(ts), built[spec][1]
             print(f"| {spec} | {rows} | {t * 1e3:.1f} | {min(ts) * 1e3:.1f} | {t * 1e3 / rows:.2f} "
                   f"| {nbytes / 1e6:.0f} | {nbytes / t / 1e9:.1f} |", flush=True)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
