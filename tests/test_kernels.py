@@ -175,7 +175,8 @@ def test_kernel_dequantize_is_exact(dtype, bf16, avx512):
 @pytest.mark.parametrize("m", [1, 7, 12, 20, 130])
 @pytest.mark.parametrize("bf16_fast", [False, True])
 @pytest.mark.parametrize("no_avx512", [False, True])
-def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, no_avx512, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, no_avx512, threads, monkeypatch):
     """The public ops against the pure PyTorch fallback, on 3-d input with a bias, on both kinds of CPU
     (with or without native bf16 GEMM), at row counts on both sides of the GEMM thresholds. Integer
     kernel: the activation-quantization bound above; fp32 GEMM is exact up to rounding, well inside it.
@@ -187,7 +188,8 @@ def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, no_avx512, monkeypat
     monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: bf16_fast)
     if no_avx512:
         monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
-    bf16_rows = (kernels.BF16_GEMM_MIN_ROWS if kernels.avx512() else kernels.BF16_GEMM_MIN_ROWS_AVX2)[dtype]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the thresholds depend on it
+    bf16_rows = kernels.bf16_gemm_min_rows(dtype, kernels.avx512())
     y = op(x, *wargs, bias)
     monkeypatch.setattr(kernels, "_load", lambda: None)
     fallback = op(x, *wargs, bias)

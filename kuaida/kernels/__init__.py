@@ -27,12 +27,14 @@ log = logging.getLogger(__name__)
 _SOURCES = {name: Path(__file__).with_name(f"{name}.cpp") for name in ("qgemm", "attention")}
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
-# Rows from which dequantize + GEMM beats the integer kernel (crossovers measured over the model's layers, one
-# thread; benchmarks/results/kernels.md). With native bf16, bf16 GEMM: with the AVX-512 paths (VNNI kernel,
-# AVX512-BF16 dequantize) from ~18 rows (int8), ~15 (int4); with the AVX2 ones (KUAIDA_NO_AVX512=1) from ~9
-# (int8), ~14 (int4). Without native bf16, fp32 GEMM from ~48 (int8), ~128 (int4), measured against the AVX2
-# kernel (AVX-512 VNNI without AVX512-BF16 would move them up: not measured).
-BF16_GEMM_MIN_ROWS = {"int8": 18, "int4": 15}
+# Rows from which dequantize + GEMM beats the integer kernel (crossovers measured over the model's layers;
+# benchmarks/results/kernels.md). With native bf16, bf16 GEMM: with the AVX-512 paths (VNNI kernel,
+# AVX512-BF16 dequantize) from ~19 rows (int8) and ~15 (int4) with one thread, ~27 and ~21 with two (the
+# kernel splits its work in two, the GEMM path gains less; more threads: not measured); with the AVX2 ones
+# (KUAIDA_NO_AVX512=1, one thread) from ~9 (int8), ~14 (int4). Without native bf16, fp32 GEMM from ~48
+# (int8), ~128 (int4), measured against the AVX2 kernel (AVX-512 VNNI without AVX512-BF16 would move them
+# up).
+BF16_GEMM_MIN_ROWS = {"int8": (19, 27), "int4": (15, 21)}  # (one thread, two or more)
 BF16_GEMM_MIN_ROWS_AVX2 = {"int8": 10, "int4": 14}
 FP32_GEMM_MIN_ROWS = {"int8": 48, "int4": 128}
 
@@ -117,6 +119,14 @@ def weight_buffer(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[: n * k].view(n, k)
 
 
+def bf16_gemm_min_rows(dtype: str, wide: bool) -> int:
+    """The bf16 GEMM threshold for the kernels' AVX-512 paths (`wide`) or AVX2 ones, at torch's thread
+    count."""
+    if not wide:
+        return BF16_GEMM_MIN_ROWS_AVX2[dtype]
+    return BF16_GEMM_MIN_ROWS[dtype][torch.get_num_threads() > 1]
+
+
 def _gemm_dtype(x: torch.Tensor, dtype: str, n: int, wide: bool) -> torch.dtype | None:
     """The dtype to dequantize an [n, K] `dtype` weight to for a GEMM library, or None: integer kernel
     (its AVX-512 path if `wide`)."""
@@ -124,8 +134,7 @@ def _gemm_dtype(x: torch.Tensor, dtype: str, n: int, wide: bool) -> torch.dtype 
     if n * k > SCRATCH_MAX_ELEMENTS:
         return None
     if bf16_gemm_is_fast():
-        rows = (BF16_GEMM_MIN_ROWS if wide else BF16_GEMM_MIN_ROWS_AVX2)[dtype]
-        return torch.bfloat16 if x.numel() >= rows * k else None
+        return torch.bfloat16 if x.numel() >= bf16_gemm_min_rows(dtype, wide) * k else None
     return torch.float32 if x.numel() >= FP32_GEMM_MIN_ROWS[dtype] * k else None
 
 
