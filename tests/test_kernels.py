@@ -118,11 +118,11 @@ def test_kernel_larger_groups(dtype, group):
 @needs_vnni
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("k,group", [(96, 32), (576, 64), (1536, 32)])
+@pytest.mark.parametrize("k,group", [(32, 32), (64, 32), (96, 32), (576, 64), (1536, 32)])
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 16, 33, 64])
 def test_avx512_path_matches_avx2_and_emulation(dtype, with_bias, k, group, m):
-    """The AVX-512 VNNI path computes the same integers as the AVX2 one (odd N: a partial row tile; K = 96:
-    a last single block; M: full and partial activation tiles); only fp32 summation order differs."""
+    """The AVX-512 VNNI path computes the same integers as the AVX2 one (odd N: a partial row tile; K = 32
+    and 96: a last single block; M: full and partial activation tiles); only fp32 summation order differs."""
     n = 77
     wargs, deq, scaled = make(dtype, n, k, group)
     x, bias = inputs(m, k, n, with_bias)
