@@ -106,9 +106,10 @@ def serve(
                                  "a base in their 'knowledge' field. Bases live in --kb-dir."),
     kb_dir: Optional[Path] = typer.Option(None, help="Where knowledge bases are (default: $KUAIDA_KB_DIR or "
                                                      "~/.local/share/kuaida/kb)."),
-    passage_cache_mb: int = typer.Option(512, help="Memory for knowledge-base passages encoded once and reused "
-                                         "wherever they recur (block attention); 0: prefill passages in "
-                                         "place (full attention, slower)."),
+    passage_cache_mb: int = typer.Option(0, help="Memory for knowledge-base passages encoded once and reused "
+                                         "wherever they recur (block attention: faster grounded replies, "
+                                         "fewer of them use the passages; see benchmarks/results/kb.md); "
+                                         "0: prefill passages in place (full attention)."),
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/sessions, /metrics, web chat at /.
 
@@ -510,5 +511,6 @@ def optimize_cmd(
     out = out or Path("runs") / (Path(recipe).stem if recipe != "default" else "default")
     report = optimize(cfg, out, overwrite=overwrite)
     for name, t in report["targets"].items():
-        typer.echo(f"{name}: {t['value']} (target {t['target']}): {'met' if t['met'] else 'MISSED'}")
+        verdict = {True: "met", False: "MISSED", None: "reported"}[t["met"]]
+        typer.echo(f"{name}: {t['value']} (target {t['target']}): {verdict}")
     typer.echo(f"report: {out / 'report.md'}; model: {out / 'model'}")

@@ -57,7 +57,7 @@ def test_passages_go_in_a_system_message_before_their_user_message():
     texts = [passage_text(x) for x in (a, b)]
     assert texts[0] == "[setup.md#3] Setup > Reset\nHold the pin for 12 s.\n\n"
     out = grounded_messages(messages, {1: texts})
-    assert out == [messages[0], {"role": "system", "content": wrapped(INSTRUCTION + "\n\n", *texts)},
+    assert out == [messages[0], {"role": "system", "content": INSTRUCTION + "\n\n" + wrapped(*texts)},
                    user("reset?")]
     assert messages[1] == user("reset?")  # not mutated
     assert grounded_messages([user("hi")], {}) == [user("hi")]  # no passages, no message

@@ -137,3 +137,20 @@ def test_one_failing_request_does_not_end_the_others(loaded, monkeypatch):
         list(bad)
     assert "".join(good) == single(loaded, PROMPTS[0], **GREEDY)
     sched.stop()
+
+
+def test_a_conversation_sharing_only_the_system_prompt_copies_it_instead_of_evicting(loaded):
+    """Two conversations with the same opening: the second gets the shared prefix copied into a free slot
+    (its reply is the same as computed from scratch) and the first keeps its whole cache."""
+    sched = make(loaded)  # several slots
+    system = [5, 6, 7, 8, 9, 10, 11, 12]
+    a = sched.submit(system + [20, 21], SamplingParams(**GREEDY))
+    list(a)
+    b = sched.submit(system + [30, 31, 32], SamplingParams(**GREEDY))
+    b_text = "".join(b)
+    a2 = sched.submit(system + [20, 21] + [40], SamplingParams(**GREEDY))
+    list(a2)
+    sched.stop()
+    assert b.stats.cached_tokens == len(system) and sched.metrics.evictions == 0
+    assert b_text == single(loaded, system + [30, 31, 32], **GREEDY)
+    assert a2.stats.cached_tokens == len(system) + 2  # conversation a was not overwritten by b

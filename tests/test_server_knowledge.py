@@ -35,7 +35,7 @@ def client(loaded, model_dir, tmp_path, monkeypatch):
     (tmp_path / "docs" / "price.txt").write_text("The hub costs 129 euros.")
     with create_kb("hub", root=tmp_path / "kb", embedder=HashEmbedder()) as kb:
         assert kb.add([tmp_path / "docs"]).chunks == 2
-    config = ServerConfig(model=str(model_dir), max_context=1024, cache_mb=4, max_batch=2,
+    config = ServerConfig(model=str(model_dir), max_context=1024, cache_mb=4, max_batch=2, passage_cache_mb=64,
                           db=tmp_path / "sessions.db", kb_dir=tmp_path / "kb", knowledge_bases=("hub",))
     with TestClient(create_app(config, loaded)) as c:
         yield c

@@ -37,6 +37,7 @@ def test_malformed_messages_are_refused(bad):
 
 def test_passages_are_tokenized_on_their_own_and_their_spans_reported(tok):
     from kuaida.dialogue.grounding import PASSAGE_END, PASSAGE_START
+    from kuaida.dialogue.grounding import INSTRUCTION
     from kuaida.dialogue.template import passage_anchor_ids
 
     passages = ["[a.md#1] Setup\nHello! How are you?\n\n", "[b.md#2]\nThe quick brown fox.\n\n"]
@@ -50,7 +51,7 @@ def test_passages_are_tokenized_on_their_own_and_their_spans_reported(tok):
     assert PASSAGE_START not in tok.decode(ids) and "What is the capital?" in tok.decode(ids[spans[1][1]:])
     # The anchor passages are encoded after: a grounded prompt's opening, up to its first passage.
     anchor = passage_anchor_ids(tok)
-    assert tok.decode(anchor) == "<|im_start|>system\n"
+    assert tok.decode(anchor) == "<|im_start|>system\n" + INSTRUCTION + "\n\n"
     # Without passages the spans list stays empty and the prompt is the template's own tokenization.
     plain, none = [{"role": "user", "content": "hi"}], []
     assert render_prompt(tok, plain, none) == render_prompt(tok, plain) and none == []

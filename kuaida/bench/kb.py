@@ -10,7 +10,8 @@ and questions.jsonl: customer questions, each with the fact a correct answer con
    chunks/s and search latency p50/p95 at that size;
 4. answers: per model, a greedy reply to each question without the base and with it (passages from
    `kb.search(retrieval_query(messages), k)` before the question), with the passages encoded on their own
-   and reused (the server's default) and prefilled in place -> the share containing the fact;
+   and reused (`serve --passage-cache-mb N`) and prefilled in place (the server's default) -> the share
+   containing the fact;
 5. TTFT: 3-turn conversations, the last turn answered plain vs grounded (retrieval + prefill + first
    token): with the previous turn's KV cache, its passages seen before or new, or under full attention;
    and cold.
@@ -222,7 +223,7 @@ def scale_test(kb, docs: Sequence[Path], sample_chunks: int, target: int, questi
 
 
 # -- answers -----------------------------------------------------------------------------------------
-PASSAGE_CACHE_MB = 512  # the server's default (ServerConfig.passage_cache_mb)
+PASSAGE_CACHE_MB = 512  # what `kuaida serve --passage-cache-mb 512` gives (the server's default is 0)
 
 
 def grounded(kb, messages: list[dict], k: int) -> tuple[list[dict], list, float]:
@@ -235,9 +236,9 @@ def grounded(kb, messages: list[dict], k: int) -> tuple[list[dict], list, float]
 
 def answer_quality(bot, kb, questions: Sequence[Question], k: int, max_new_tokens: int,
                    show: bool = False) -> dict[str, Any]:
-    """Greedy replies without the base, with it as the server answers (passages encoded on their own and
-    reused: block attention) and with it under full attention (passages prefilled in place) -> the share of
-    each that contains the fact, and every reply."""
+    """Greedy replies without the base, with it through the passage cache (passages encoded on their own
+    and reused: block attention) and with it under full attention (passages prefilled in place, the
+    server's default) -> the share of each that contains the fact, and every reply."""
     prompts = [[{"role": "user", "content": q.question}] for q in questions]
     found = [grounded(kb, plain, k) for plain in prompts]
     greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
@@ -475,8 +476,9 @@ def model_section(m: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     gain = MISSING if a["gain"] is None else f"{a['gain']}×"
     return [f"## {m['model']} ({m['dtype']})", "",
             (f"Replies containing the fact: without the base {a['without']:.1%}, with it {a['with']:.1%} "
-             f"({gain}) as the server answers (each passage encoded on its own and reused: block attention), "
-             f"{a['with_full']:.1%} with the passages prefilled in place (full attention); greedy, at most "
+             f"({gain}) with the passage cache (each passage encoded on its own and reused: block attention), "
+             f"{a['with_full']:.1%} with the passages prefilled in place (full attention, the server's default); "
+             "greedy, at most "
              f"{settings['max_new_tokens']} tokens, k={settings['k']} passages."), "",
             *table(m["ttft"], TTFT_COLUMNS), "",
             (f"Time to first token of a 3-turn conversation's last turn (median over "

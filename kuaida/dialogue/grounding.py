@@ -107,11 +107,12 @@ def strip_markers(text: str) -> str:
 
 
 def passages_message(texts: Sequence[str]) -> dict:
-    """The system message that carries a turn's passages: the instruction, then the passages. The
-    instruction is wrapped like a passage too: it is the same on every grounded turn, so its keys and
-    values come from the passage cache instead of being prefilled each time."""
-    blocks = [f"{INSTRUCTION}\n\n", *texts]
-    return {"role": "system", "content": "".join(f"{PASSAGE_START}{t}{PASSAGE_END}" for t in blocks)}
+    """The system message that carries a turn's passages: the instruction, then the passages, each
+    wrapped. The instruction is plain text, prefilled: a passage encoded on its own is encoded after it
+    (measured: passages encoded without the instruction before them were used in 32.8 % of answers
+    against 45.9 % under full attention)."""
+    return {"role": "system",
+            "content": f"{INSTRUCTION}\n\n" + "".join(f"{PASSAGE_START}{t}{PASSAGE_END}" for t in texts)}
 
 
 def grounded_messages(messages: list[dict], turn_passages: Mapping[int, Sequence[str]]) -> list[dict]:

@@ -71,8 +71,8 @@ def render_prompt(tokenizer, messages: list[dict[str, str]],
 
 def passage_anchor_ids(tokenizer) -> list[int]:
     """What a knowledge-base passage is encoded after when it is encoded on its own
-    (kuaida.engine.passages): the tokens before the first block of a conversation that opens with a
-    turn's passages (the template's opening and the system message header)."""
+    (kuaida.engine.passages): the tokens before the first passage of a conversation that opens with a
+    turn's passages (the template's opening, the system message header, the instruction)."""
     from kuaida.dialogue.grounding import passages_message
 
     spans: list[tuple[int, int]] = []

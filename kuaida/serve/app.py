@@ -72,9 +72,10 @@ class ServerConfig:
     prefix_cache: bool = True  # False: prefill every prompt whole (the baseline `kuaida bench load` compares)
     kb_dir: Path | None = None  # knowledge bases requests may name; None: $KUAIDA_KB_DIR or kb_root()
     knowledge_bases: tuple[str, ...] = ()  # opened (with the embedding model) at start-up: no cold first query
-    # Knowledge-base passages encoded once, reused in every prompt they recur in (kuaida.engine.passages);
-    # 0: no cache, passages are prefilled in place with full attention (exact, slower).
-    passage_cache_mb: int = 512
+    # Knowledge-base passages encoded once, reused in every prompt they recur in (kuaida.engine.passages):
+    # ~3.6x faster grounded TTFT, but block attention cost the default model answers (bench kb: facts in
+    # 34.4 % of grounded replies against 45.9 %). 0 (default): passages prefilled in place, full attention.
+    passage_cache_mb: int = 0
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_context": self.max_context >= 2,
