@@ -93,11 +93,12 @@ class Retriever:
         kb = self.base(base)
         t0 = time.perf_counter()
         last = last_user(messages)
+        keys = self._keys(messages[:last + 1], base)  # one hash per prefix, up to the latest user message
         if earlier is None:
-            earlier = self._recall(messages[:max(last, 0)], base)
+            earlier = self._recall(messages[:max(last, 0)], keys)
         grounding = ground(kb, messages, k, earlier)
         if last >= 0:
-            self._remember(self._keys(messages[:last + 1], base)[-1], grounding.texts)
+            self._remember(keys[-1], grounding.texts)
         grounding.seconds = time.perf_counter() - t0
         return grounding
 
@@ -118,8 +119,8 @@ class Retriever:
             while len(self._memory) > self._memory_size:
                 self._memory.popitem(last=False)
 
-    def _recall(self, prefix: Sequence[dict], base: str) -> dict[int, list[str]]:
-        keys = self._keys(prefix, base)
+    def _recall(self, prefix: Sequence[dict], keys: Sequence[str]) -> dict[int, list[str]]:
+        """{index of a user message in `prefix`: its remembered passages}; keys[i]: prefix[:i + 1]'s key."""
         with self._lock:
             return {i: texts for i, m in enumerate(prefix)
                     if m.get("role") == "user" and (texts := self._memory.get(keys[i]))}
