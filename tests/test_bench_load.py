@@ -144,6 +144,11 @@ def test_check_targets_met_and_missed():
     assert targets["8_clients_output_tok_s_vs_1"]["met"] is False  # fast enough, but one error
     unmeasured = load.check_targets(rows, {"on": on}, "on", "off")
     assert unmeasured["last_turn_ttft_reuse_speedup"]["met"] is None
+    assert unmeasured["last_turn_ttft_vs_same_message_at_turn_1"]["value"] is None
+    # Same user message as a first turn: the median of the per-conversation ratios (1.1, 1.5, 3.0).
+    same = load.check_targets(rows, {"on": on}, "on", "off", [[110.0, 100.0], [90.0, 60.0], [60.0, 20.0]])
+    assert same["last_turn_ttft_vs_same_message_at_turn_1"] == {"value": 1.5, "target": "reported",
+                                                                 "met": True}
 
 
 def test_scheduler_without_prefix_cache_prefills_every_prompt_whole(tiny_llama_dir):
@@ -261,7 +266,10 @@ def test_report_against_a_running_server(fake_server, tmp_path):
     assert {r["variant"] for r in report["results"] if "skipped" in r} == {
         f"server at {fake_server.url} (reuse off)", load.LLAMACPP}
     assert set(report["targets"]) == {"last_turn_history_tokens", "last_turn_ttft_vs_turn_1",
+                                      "last_turn_ttft_vs_same_message_at_turn_1",
                                       "last_turn_ttft_reuse_speedup", "8_clients_output_tok_s_vs_1"}
+    # Each curve conversation's last message also went alone, as a first turn.
+    assert len(report["same_message"][f"server at {fake_server.url} (reuse on)"]) == 2
     assert all(r["other_cpu_cores"] >= 0 for r in rows) and set(report["curves_other_cpu_cores"]) == {
         f"server at {fake_server.url} (reuse on)"}
     markdown = load.load_markdown(report)
