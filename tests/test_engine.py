@@ -102,3 +102,24 @@ def test_batched_rows_match_single_rows(model):
         ref_b = model(torch.tensor([[9, 8, 7, 6]]))[:, -1]
     torch.testing.assert_close(step[0, -1], ref_a[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step[1, -1], ref_b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_common_prefix_matches_a_token_by_token_scan():
+    """The bisecting common_prefix against the plain loop it replaced, on random near-equal lists."""
+    import random
+
+    from kuaida.engine.generate import common_prefix
+
+    def scan(cached, prompt):
+        n, limit = 0, min(len(cached), len(prompt) - 1)
+        while n < limit and cached[n] == prompt[n]:
+            n += 1
+        return n
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = [rng.randint(0, 3) for _ in range(rng.randint(0, 200))]
+        b = a[:rng.randint(0, len(a))] + [rng.randint(0, 3) for _ in range(rng.randint(0, 200))]
+        assert common_prefix(a, b) == scan(a, b) and common_prefix(b, a) == scan(b, a)
+    assert common_prefix([1, 2, 3], [1, 2, 3]) == 2  # one prompt token is always left to prefill
+    assert common_prefix([], []) == 0

@@ -22,10 +22,21 @@ PREFILL_CHUNK = 512
 def common_prefix(cached: list[int], prompt: list[int]) -> int:
     """Length of the cached prefix shared with `prompt`, leaving at least one prompt token to prefill
     (its logits start the reply)."""
-    n, limit = 0, min(len(cached), len(prompt) - 1)
-    while n < limit and cached[n] == prompt[n]:
-        n += 1
-    return n
+    limit = max(0, min(len(cached), len(prompt) - 1))
+    # List slices compare in C: halve the range holding the first difference, then step through the last
+    # few tokens (a Python loop over a 2,000-token history, for every idle slot, costs milliseconds).
+    lo, hi = 0, limit  # cached[:lo] == prompt[:lo]; the first difference, if any, is in [lo, hi)
+    if cached[:limit] == prompt[:limit]:
+        return limit
+    while hi - lo > 32:
+        mid = (lo + hi) // 2
+        if cached[lo:mid] == prompt[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    while lo < hi and cached[lo] == prompt[lo]:
+        lo += 1
+    return lo
 
 
 @torch.inference_mode()
