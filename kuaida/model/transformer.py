@@ -159,6 +159,20 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
         return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, D]
 
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                      rows: slice | torch.Tensor = slice(0, 1)) -> torch.Tensor:
+        """tokens, positions: [B, T] -> the final norm's output [B, T, dim], what lm_head reads (a
+        distillation teacher projects only the rows and vocabulary columns its loss uses)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T).expand(B, T)
+        cos, sin = self.rope(positions)
+        attend = self._attention(cache, positions, rows)
+        x = self.embed_tokens(tokens)  # [B, T, dim]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, functools.partial(attend, i))
+        return self.norm(x)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 rows: slice | torch.Tensor = slice(0, 1), last_only: bool = False,
                 full_vocab: bool = True) -> torch.Tensor:
@@ -170,17 +184,10 @@ class Transformer(nn.Module):
         With a KVCache, each row b writes its new keys at positions[b] into cache row rows[b] and
         attends to everything up to that position; without one, plain causal attention over `tokens`.
         """
-        B, T = tokens.shape
-        if positions is None:
-            positions = torch.arange(T).expand(B, T)
-        cos, sin = self.rope(positions)
-        attend = self._attention(cache, positions, rows)
-        x = self.embed_tokens(tokens)  # [B, T, dim]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, functools.partial(attend, i))
+        x = self.hidden_states(tokens, positions, cache, rows)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(x).float()
         if self.output_ids is None or not full_vocab:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.args.vocab_size), float("-inf"))
