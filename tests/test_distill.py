@@ -235,3 +235,31 @@ def test_cli_distill_refuses_bad_options(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(app, ["distill", str(tiny_llama_dir), "layers:1", str(tmp_path / "o"),
                                       "--steps", "1", "--kind", "sideways"])
     assert result.exit_code == 2 and "sideways" in result.output
+
+
+def test_teacher_projection_matches_the_full_forward_where_the_loss_reads(teacher, examples):
+    """Counted rows and kept columns only: the same logits as the teacher's whole forward, sliced; the
+    rows the loss skips are zeros; a teacher without hidden_states runs whole."""
+    from kuaida.train.distill import TeacherProjection
+
+    model = teacher.model.eval()
+    batch = next(iter(batches(examples, 4, seed=0)))
+    counted = next_token_targets(batch.labels) != -100
+    assert counted.any() and not counted.all()
+    full = model(batch.input_ids)  # [B, T, V]
+    kept = torch.arange(0, full.shape[-1], 3)
+    project = TeacherProjection(model)
+    assert project.direct
+    for cols, want in ((None, full), (kept, full[..., kept])):
+        got = project(batch.input_ids, counted, cols)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got[counted], want[counted], rtol=1e-5, atol=1e-5)
+        assert not got[~counted].any()
+
+    class Whole(torch.nn.Module):  # e.g. a model run through transformers
+        def forward(self, ids):
+            return model(ids)
+
+    whole = TeacherProjection(Whole())
+    assert not whole.direct
+    torch.testing.assert_close(whole(batch.input_ids, counted, kept), full[..., kept])
