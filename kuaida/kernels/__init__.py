@@ -51,8 +51,8 @@ def _cpu_supported() -> bool:
 
 @functools.cache
 def _load(name: str = "qgemm") -> ModuleType | None:
-    """The compiled extension `name` (qgemm: quantized matmuls, attention: decode attention), built into
-    <cache>/ext/<name> the first time; None when it cannot be used."""
+    """The compiled extension `name` (qgemm: quantized matmuls, attention: decode and prefill attention),
+    built into <cache>/ext/<name> the first time; None when it cannot be used."""
     if os.environ.get("KUAIDA_NO_KERNELS") == "1":
         log.info("KUAIDA_NO_KERNELS=1: using the PyTorch fallback for %s", name)
         return None
@@ -145,7 +145,8 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.
 
 
 # The two ops below run once per linear layer per token: they stay minimal (a few microseconds of Python).
-def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp32, q int8 [N, K], d fp16 [N, K / group] -> [..., N] fp32."""
     ext = _load()
     if ext is None:
@@ -173,9 +174,40 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: to
                      lens: torch.Tensor) -> torch.Tensor:
     """One query token per sequence over its own cached prefix (GQA), the whole batch in one call.
 
-    q [B, H, D] fp32; k, v: the cache's [R, Hkv, S, D], fp32 or fp16; rows, lens int64 [B] (cache row, keys to attend to)
-    -> [B, H, D]. Rows may differ in length: no padding, no copy of any history."""
+    q [B, H, D] fp32; k, v: the cache's [R, Hkv, S, D], fp32 or fp16; rows, lens int64 [B] (cache row, keys
+    to attend to) -> [B, H, D]. Rows may differ in length: no padding, no copy of any history."""
     ext = _load("attention")
     if ext is not None and k.dtype in (torch.float32, torch.float16):
         return ext.decode_attention(_fp32(q), k, v, rows, lens, q.shape[-1] ** -0.5)
     return reference.decode_attention(q, k, v, rows, lens)
+
+
+@functools.cache
+def _has_avx512_bf16_attention() -> bool:
+    return (ext := _load("attention")) is not None and ext.has_avx512_bf16()
+
+
+def bf16_attention() -> bool:
+    """True when `prefill_attention` runs its AVX-512 BF16 kernel: the kernels are loaded, the CPU has
+    AVX512-BF16 and KUAIDA_NO_BF16_ATTENTION is not 1 (read on every call, so tests can switch it)."""
+    return _has_avx512_bf16_attention() and os.environ.get("KUAIDA_NO_BF16_ATTENTION") != "1"
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int,
+                      positions: torch.Tensor) -> torch.Tensor:
+    """T query tokens of one sequence over its cached prefix (GQA), reading an fp16 cache in place.
+
+    q [H, T, D] fp32 (RoPE applied; any strides); k, v: the cache's [R, Hkv, S, D] fp16, the new tokens'
+    keys/values already written; positions int64 [T], strictly increasing, gaps allowed (every position up
+    to the last must hold a key) -> [H, T, D] fp32, out[h, t] attending to cache positions <= positions[t].
+    With `bf16_attention()` the kernel rounds q, k, the softmax weights and v to bf16 (fp32 accumulation and
+    softmax; ~1e-2 from fp32 SDPA, see tests/test_prefill_attention.py), head_dim a multiple of 32, and
+    returns a [T, H, D]-strided tensor; else fp32 SDPA over an upcast copy of the prefix."""
+    if bf16_attention() and k.dtype == torch.float16 and q.shape[-1] % 32 == 0:
+        q32 = q if q.dtype == torch.float32 and q.stride(-1) == 1 else q.float().contiguous()
+        scale = q.shape[-1] ** -0.5
+        return _load("attention").prefill_attention(q32, k, v, row, positions.contiguous(), scale).to(q.dtype)
+    span = int(positions[-1]) + 1
+    mask = torch.arange(span) <= positions[:, None]  # [T, span]
+    k, v = (c[row:row + 1, :, :span].to(q.dtype) for c in (k, v))
+    return F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, enable_gqa=True)[0]

@@ -16,6 +16,13 @@ GEMM).
 The library's AVX-512 paths follow KUAIDA_NO_AVX512 (set to 1 for the AVX2 ones everywhere).
 "layers/head" uses one format for the 30 layers and another for the output layer, e.g. int4/int8 (what
 `quantize(model, "int4")` builds).
+
+--attention TxS ... times prefill attention instead: T new tokens at positions S - T .. S - 1 over an fp16
+cache (SmolLM2-135M's heads: 9 query, 3 kv, head_dim 64; 30 layers, each its own cache), the SDPA path
+(prefix copied to fp32, fp32 SDPA with a mask; also without the copy) against `kernels.prefill_attention`
+(AVX-512 BF16):
+
+    python -m kuaida.kernels.bench --attention 19x422 47x1272 60x1179 300x1179 1000x1000 --repeats 21
 """
 from __future__ import annotations
 
@@ -80,7 +87,8 @@ def make_op(fmt: str, w: torch.Tensor) -> tuple[Linear, int]:
 def build(spec: str, with_head: bool) -> tuple[list[tuple[Linear, int]], int]:
     """The forward's matmuls as (fn, in_features), and total weight bytes. spec: "fmt" or "layers/head"."""
     layers, _, head = spec.partition("/")
-    shapes = [(s, layers) for s in LAYER_SHAPES * N_LAYERS] + ([(LM_HEAD, head or layers)] if with_head else [])
+    shapes = [(s, layers) for s in LAYER_SHAPES * N_LAYERS]
+    shapes += [(LM_HEAD, head or layers)] if with_head else []
     ops, total = [], 0
     for (n, k), fmt in shapes:
         fn, nbytes = make_op(fmt, torch.randn(n, k) * 0.02)
@@ -109,6 +117,54 @@ def time_forwards(formats: dict[str, list[tuple[Linear, int]]], rows: int,
     return {name: t[1:] for name, t in times.items()}
 
 
+ATTENTION_HEADS = (9, 3, 64)  # SmolLM2-135M: query heads, kv heads, head_dim
+
+
+def time_attention(T: int, S: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per layer of each way to attend, one 30-layer sweep each per repeat (taking turns, so load
+    from other processes skews them alike): "copy+SDPA" is what Transformer._attention runs without the
+    kernel (KVCache.update's fp32 copy of the prefix, then SDPA with a mask), "SDPA" the same without the
+    copy (the prefix already fp32), "kernel" kernels.prefill_attention on the fp16 cache."""
+    H, Hkv, D = ATTENTION_HEADS
+    caches = [(torch.randn(1, Hkv, S, D).half(), torch.randn(1, Hkv, S, D).half()) for _ in range(N_LAYERS)]
+    fp32 = [(k.float(), v.float()) for k, v in caches]
+    q = torch.randn(1, T, H, D).transpose(1, 2)  # [1, H, T, D] with the model's strides
+    positions = torch.arange(S - T, S)
+    mask = torch.arange(S)[None, None, None, :] <= positions[None, None, :, None]  # [1, 1, T, S]
+
+    def sdpa(k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    ways = {"copy+SDPA": (lambda k, v: sdpa(k.float(), v.float()), caches), "SDPA": (sdpa, fp32),
+            "kernel": (lambda k, v: kernels.prefill_attention(q[0], k, v, 0, positions), caches)}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for i in range(repeats + 1):  # the first round warms up
+        for name, (fn, layers) in ways.items():
+            t0 = time.perf_counter()
+            for k, v in layers:
+                fn(k, v)
+            if i:
+                times[name].append((time.perf_counter() - t0) / N_LAYERS)
+    return times
+
+
+def attention_main(shapes: list[str], repeats: int) -> None:
+    if not kernels.bf16_attention():
+        raise SystemExit("the AVX-512 BF16 prefill-attention kernel is not available on this machine")
+    print(f"threads={torch.get_num_threads()}, {repeats} repeats, heads {ATTENTION_HEADS} (query, kv, dim), "
+          f"load average {os.getloadavg()[0]:.2f}; ms / layer, median (best)\n")
+    print("| T | S | copy+SDPA fp32 | SDPA fp32 | kernel | speedup vs copy+SDPA | vs SDPA |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for shape in shapes:
+        T, S = map(int, shape.split("x"))
+        times = time_attention(T, S, repeats)
+        med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        cells = " | ".join(f"{med[name]:.3f} ({min(ts) * 1e3:.3f})" for name, ts in times.items())
+        print(f"| {T} | {S} | {cells} | {med['copy+SDPA'] / med['kernel']:.2f}x | "
+              f"{med['SDPA'] / med['kernel']:.2f}x |", flush=True)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 43, 256])
@@ -116,8 +172,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-head", action="store_true", help="leave out the 49152 x 576 output layer")
+    p.add_argument("--attention", nargs="+", metavar="TxS", help="time prefill attention at these shapes")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.attention:
+        return attention_main(args.attention, args.repeats)
     if not kernels.available():
         raise SystemExit("the kuaida kernels are not available on this machine")
     built = {spec: build(spec, not args.no_head) for spec in args.formats}

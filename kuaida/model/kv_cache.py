@@ -12,7 +12,8 @@ class KVCache:
     """k[layer], v[layer]: [B, n_kv_heads, max_seq, head_dim], allocated once.
 
     fp16 storage halves the bytes a decode step streams (attention reads every cached key and value) and
-    the memory a conversation holds; prefill reads its prefix back in the activations' dtype.
+    the memory a conversation holds; prefill reads its prefix back in the activations' dtype, or in place
+    with the bf16 prefill kernel (`prefill`, one sequence, where the CPU has AVX512-BF16).
 
     Rows are independent sequences; a forward writes each new token's key/value at its position and
     reads back the prefix up to the longest position in the batch (a mask hides the rest per row).
@@ -30,10 +31,9 @@ class KVCache:
                   dtype: torch.dtype = torch.float32) -> "KVCache":
         return cls(args.n_layers, batch, args.n_kv_heads, max_seq or args.max_seq_len, args.head_dim, dtype)
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rows: slice | torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v ([B, H, T, D]) at `positions` ([B, T]) of cache `rows`; return the first `span`
-        positions of those rows ([B, H, span, D])."""
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rows: slice | torch.Tensor) -> None:
+        """Write k, v ([B, H, T, D]) at `positions` ([B, T]) of cache `rows`."""
         kc, vc = self.k[layer], self.v[layer]
         if isinstance(rows, slice) and positions.shape[0] == 1:
             start = int(positions[0, 0])  # note: a sync point, cheap on CPU
@@ -42,13 +42,33 @@ class KVCache:
                 # One sequence, contiguous positions (prefill or single-stream decode): a plain slice copy.
                 kc[rows, :, start:start + t] = k
                 vc[rows, :, start:start + t] = v
-                return kc[rows, :, :span].to(k.dtype), vc[rows, :, :span].to(v.dtype)
+                return
             # Increasing positions with gaps (a prompt around passages written from a passage cache).
         row_idx = torch.arange(kc.shape[0])[rows] if isinstance(rows, slice) else rows
         # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
         kc[row_idx[:, None], :, positions] = k.transpose(1, 2).to(kc.dtype)
         vc[row_idx[:, None], :, positions] = v.transpose(1, 2).to(vc.dtype)
-        return kc[row_idx, :, :span].to(k.dtype), vc[row_idx, :, :span].to(v.dtype)
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rows: slice | torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v ([B, H, T, D]) at `positions` ([B, T]) of cache `rows`; return the first `span`
+        positions of those rows ([B, H, span, D]) in k's dtype (a copy, for an fp16 cache)."""
+        self.write(layer, positions, k, v, rows)
+        return self.k[layer][rows, :, :span].to(k.dtype), self.v[layer][rows, :, :span].to(v.dtype)
+
+    def prefills_in_place(self) -> bool:
+        """True when `prefill` (one sequence) reads this cache in place with the AVX-512 BF16 kernel: an fp16
+        cache, head_dim a multiple of 32, and kernels.bf16_attention() (the CPU has AVX512-BF16,
+        KUAIDA_NO_BF16_ATTENTION is not 1). Otherwise prefills go through `update` and SDPA."""
+        return self.k[0].dtype == torch.float16 and self.k[0].shape[-1] % 32 == 0 and kernels.bf16_attention()
+
+    def prefill(self, layer: int, row: int, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        """Prefill of one sequence: write k, v ([1, Hkv, T, D]) at `positions` ([1, T], increasing, gaps
+        allowed) of cache row `row`, then attend q ([1, H, T, D]) over the row's prefix read in place
+        (no fp32 copy of it) -> [1, H, T, D]."""
+        self.write(layer, positions, k, v, slice(row, row + 1))
+        return kernels.prefill_attention(q[0], self.k[layer], self.v[layer], row, positions[0])[None]
 
     def decode(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
