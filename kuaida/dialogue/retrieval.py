@@ -34,6 +34,7 @@ from kuaida.dialogue.grounding import (
     retrieval_query,
     shown_ids,
 )
+from kuaida.engine.threads import side_work
 
 
 @dataclass
@@ -82,7 +83,8 @@ class Retriever:
 
     def warm(self, name: str) -> None:
         """Open `name` and load the embedding model now, not inside the first request's TTFT."""
-        self.base(name).search("warm-up", k=1)
+        with side_work():
+            self.base(name).search("warm-up", k=1)
 
     def ground(self, messages: list[dict], base: str, k: int,
                earlier: Mapping[int, Sequence[str]] | None = None) -> Grounding:
@@ -96,7 +98,8 @@ class Retriever:
         keys = self._keys(messages[:last + 1], base)  # one hash per prefix, up to the latest user message
         if earlier is None:
             earlier = self._recall(messages[:max(last, 0)], keys)
-        grounding = ground(kb, messages, k, earlier)
+        with side_work():  # the query's embedding runs torch in this (worker) thread
+            grounding = ground(kb, messages, k, earlier)
         if last >= 0:
             self._remember(keys[-1], grounding.texts)
         grounding.seconds = time.perf_counter() - t0
