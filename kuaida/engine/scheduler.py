@@ -23,6 +23,7 @@ import torch
 from kuaida.engine.generate import common_prefix, prefill_prompt
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.sequence import GenerationStats, Sequence, check_fits
+from kuaida.engine.threads import release_idle_teams
 from kuaida.errors import BusyError, KuaidaError
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class Scheduler:
 
     # -- the caller's side -----------------------------------------------------------------------
     def start(self) -> "Scheduler":
+        # The calling thread built the model and this cache: its idle OpenMP workers would make every op
+        # of the scheduler thread ~1.7x slower (kuaida.engine.threads); they come back if it computes again.
+        release_idle_teams()
         self._thread.start()
         return self
 

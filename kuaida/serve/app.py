@@ -26,7 +26,6 @@ from kuaida.dialogue.retrieval import Retriever
 from kuaida.dialogue.store import SessionStore
 from kuaida.dialogue.template import end_of_turn_ids
 from kuaida.engine.scheduler import Scheduler
-from kuaida.engine.threads import release_idle_teams
 from kuaida.errors import (
     BusyError,
     ContextLengthError,
@@ -128,9 +127,6 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # This thread loaded the model: its idle OpenMP workers would slow the scheduler thread's every
-        # op (kuaida.engine.threads).
-        release_idle_teams()
         scheduler.start()
         try:
             yield
