@@ -12,8 +12,9 @@ from typing import Any, Iterator
 
 from kuaida import kernels
 from kuaida.compress.quantize import DTYPES, dequantize, quantize
-from kuaida.dialogue.template import passage_anchor_ids, end_of_turn_ids, render_prompt
+from kuaida.dialogue.template import end_of_turn_ids, passage_anchor_ids, render_prompt
 from kuaida.engine.generate import Engine
+from kuaida.engine.lookup import LookupConfig
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.sequence import GenerationStats
 from kuaida.errors import InvalidArgumentError
@@ -40,6 +41,11 @@ class Bot:
         kuaida.engine.passages); 0: prefill them in place (full attention, the default)."""
         self.engine.passages = make_passage_cache(self.model, self.tokenizer, budget_mb)
         self.engine.cached_ids = []  # what the cache row holds was computed the other way
+
+    def use_prompt_lookup(self, config: LookupConfig | None = LookupConfig()) -> None:
+        """Greedy replies draft tokens from the prompt and verify them in one forward (the same reply,
+        fewer forward passes when it copies: kuaida.engine.lookup); None: off (the default)."""
+        self.engine.use_prompt_lookup(config)
 
     def stream(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
         """Yield the reply as text pieces (valid UTF-8). Keyword arguments are SamplingParams fields

@@ -18,6 +18,7 @@ and questions.jsonl: customer questions, each with the fact a correct answer con
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ import numpy as np
 
 from kuaida.bench.load import OtherCpu
 from kuaida.bench.report import MISSING, Column, cell, fixed, make_report, percent
+from kuaida.engine.lookup import LookupConfig
 from kuaida.errors import InvalidArgumentError, KuaidaError
 
 log = logging.getLogger(__name__)
@@ -244,7 +246,9 @@ def answer_quality(bot, kb, questions: Sequence[Question], k: int, max_new_token
     greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
     bot.use_passage_cache(0)
     without = [bot.chat(plain, **greedy) for plain in track(prompts, "answers without the base", show)]
-    full = [bot.chat(g[0], **greedy) for g in track(found, "answers, full attention", show)]
+    full, lookup = [], LookupTally()
+    for g in track(found, "answers, full attention (prompt lookup off / on)", show):
+        full.append(lookup.pair(bot, g[0], greedy))
     bot.use_passage_cache(PASSAGE_CACHE_MB)
     block = [bot.chat(g[0], **greedy) for g in track(found, "answers, passages cached", show)]
     replies = [{"id": q.id, "question": q.question, "fact": q.fact,
@@ -257,7 +261,46 @@ def answer_quality(bot, kb, questions: Sequence[Question], k: int, max_new_token
     share = {key: round(sum(r[f"hit_{key}"] for r in replies) / n, 4)
              for key in ("without", "with", "with_full")}
     return {**share, "gain": round(share["with"] / share["without"], 2) if share["without"] else None,
-            "replies": replies}
+            "prompt_lookup": lookup.summary(), "replies": replies}
+
+
+class LookupTally:
+    """Each grounded question answered twice in a row, without and with prompt-lookup drafts
+    (kuaida.engine.lookup): decode time and tokens of both, whether the replies are identical."""
+
+    def __init__(self) -> None:
+        self.off_s = self.on_s = 0.0
+        self.off_tokens = self.on_tokens = self.identical = self.n = 0
+        self.steps = self.drafted = self.accepted = 0
+
+    def pair(self, bot, messages: list[dict], greedy: dict) -> str:
+        bot.use_prompt_lookup(None)
+        off = bot.chat(messages, **greedy)
+        self.off_s += bot.last_stats.decode_s
+        self.off_tokens += max(0, bot.last_stats.completion_tokens - 1)  # decode_s starts at token 1
+        bot.use_prompt_lookup()
+        before = dataclasses.replace(bot.engine.lookup_stats)
+        on = bot.chat(messages, **greedy)
+        bot.use_prompt_lookup(None)
+        self.on_s += bot.last_stats.decode_s
+        self.on_tokens += max(0, bot.last_stats.completion_tokens - 1)
+        after = bot.engine.lookup_stats
+        self.steps += after.steps - before.steps
+        self.drafted += after.drafted - before.drafted
+        self.accepted += after.accepted - before.accepted
+        self.identical += on == off
+        self.n += 1
+        return off
+
+    def summary(self) -> dict[str, Any]:
+        off = self.off_tokens / self.off_s if self.off_s else None
+        on = self.on_tokens / self.on_s if self.on_s else None
+        return {"replies": self.n, "identical": self.identical,
+                "decode_tok_s_off": None if off is None else round(off, 1),
+                "decode_tok_s_on": None if on is None else round(on, 1),
+                "speedup": round(on / off, 2) if on and off else None,
+                "verify_steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
+                "config": dataclasses.asdict(LookupConfig())}
 
 
 # -- time to first token -----------------------------------------------------------------------------
@@ -387,6 +430,11 @@ def check_targets(ingest: dict, scale: dict | None, models: list[dict]) -> dict[
             a["with"] > 0 and a["with"] >= TARGETS["answer_gain"] * a["without"])
         out[f"{m['model']}: replies with the fact, passages cached / full attention"] = target(
             f"{a['with']:.1%} / {a['with_full']:.1%}", "reported", True)
+        if lk := a.get("prompt_lookup"):
+            out[f"{m['model']}: prompt lookup, grounded replies identical to plain greedy"] = target(
+                f"{lk['identical']} / {lk['replies']}", "all", lk["identical"] == lk["replies"])
+            out[f"{m['model']}: prompt lookup, decode tok/s on / off"] = target(
+                lk["speedup"], "reported (> 1)", bool(lk["speedup"] and lk["speedup"] > 1))
         for row in m["ttft"]:
             out[f"{m['model']}: TTFT grounded / plain ({row['scenario']})"] = target(
                 row["ratio"], f"<= {TARGETS['ttft_ratio']}x", row["ratio"] <= TARGETS["ttft_ratio"])
@@ -471,6 +519,17 @@ def kb_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lookup_lines(lk: dict[str, Any] | None) -> list[str]:
+    if not lk:
+        return []
+    rate = f"{lk['accepted'] / lk['drafted']:.0%}" if lk["drafted"] else MISSING
+    return [(f"Prompt lookup (drafts copied from the prompt, verified in one forward; full attention, "
+             f"each question answered without then with it): decode {lk['decode_tok_s_off']} → "
+             f"{lk['decode_tok_s_on']} tok/s ({lk['speedup']}×); {lk['identical']} of {lk['replies']} "
+             f"replies identical; {lk['verify_steps']} verify steps, {lk['accepted']} of {lk['drafted']} "
+             f"drafted tokens kept ({rate}); settings {lk['config']}."), ""]
+
+
 def model_section(m: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     a = m["answers"]
     gain = MISSING if a["gain"] is None else f"{a['gain']}×"
@@ -480,6 +539,7 @@ def model_section(m: dict[str, Any], settings: dict[str, Any]) -> list[str]:
              f"{a['with_full']:.1%} with the passages prefilled in place (full attention, the server's default); "
              "greedy, at most "
              f"{settings['max_new_tokens']} tokens, k={settings['k']} passages."), "",
+            *lookup_lines(a.get("prompt_lookup")),
             *table(m["ttft"], TTFT_COLUMNS), "",
             (f"Time to first token of a 3-turn conversation's last turn (median over "
              f"{m['ttft'][0]['conversations']} conversations; each turn's passages stay before its user "

@@ -7,13 +7,16 @@ tokens.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 from typing import Sequence as Seq
 
 import torch
 
+from kuaida.engine.lookup import LookupConfig, NgramIndex
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.sequence import GenerationStats, Sequence
+from kuaida.model.kv_cache import KVCache
 
 # Prefill long prompts in chunks: bounds the attention mask and activations ([T, S] per head).
 PREFILL_CHUNK = 512
@@ -81,6 +84,14 @@ def prefill_prompt(model: torch.nn.Module, cache, prompt: list[int], n_cached: i
     return logits
 
 
+@dataclass
+class LookupStats:
+    """Prompt lookup so far: verify steps, tokens drafted, drafted tokens that greedy decoding kept."""
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, eos_ids: set[int], max_context: int | None = None) -> None:
         self.model = model
@@ -90,6 +101,8 @@ class Engine:
         self.cache = model.new_cache(batch=1, max_seq=self.max_context)
         self.cached_ids: list[int] = []  # tokens whose keys/values sit in the cache row, in order
         self.passages = None  # a kuaida.engine.passages.PassageCache: passage spans come from it
+        self.lookup: LookupConfig | None = None  # prompt-lookup drafts (use_prompt_lookup), off by default
+        self.lookup_stats = LookupStats()
 
     @torch.inference_mode()
     def decode_one(self, token: int, pos: int) -> torch.Tensor:
@@ -114,12 +127,67 @@ class Engine:
 
     def run(self, seq: Sequence) -> Iterator[int]:
         logits = self.start(seq)
-        while (token := seq.next_token(logits)) is not None:
+        index = self._ngram_index(seq)
+        token = seq.next_token(logits)
+        while token is not None:
             yield token
             if seq.finished:
                 return
-            logits = self.decode_one(token, len(self.cached_ids))
+            drafts = []
+            if index is not None:
+                index.extend([token])
+                # Room for the drafts and the token after them, in the reply's budget and the context.
+                room = min(seq.budget - len(seq.tokens), self.max_context - len(self.cached_ids) - 1) - 1
+                drafts = index.draft(room)
+            if not drafts:
+                logits = self.decode_one(token, len(self.cached_ids))
+                self.cached_ids.append(token)
+                token = seq.next_token(logits)
+                continue
+            logits = self.verify([token] + drafts, len(self.cached_ids))  # [1 + k, V]
             self.cached_ids.append(token)
+            self.lookup_stats.steps += 1
+            self.lookup_stats.drafted += len(drafts)
+            for j, draft in enumerate(drafts):
+                token = seq.next_token(logits[j:j + 1])
+                if token != draft:
+                    break  # greedy decoding goes elsewhere here: the rest of the draft is dropped
+                self.lookup_stats.accepted += 1
+                yield token
+                if seq.finished:
+                    return
+                index.extend([token])
+                self.cached_ids.append(token)
+            else:  # the whole draft held: the last position's logits give one more token
+                token = seq.next_token(logits[len(drafts):])
+
+    def use_prompt_lookup(self, config: LookupConfig | None = LookupConfig()) -> None:
+        """Draft tokens from the prompt and the reply (kuaida.engine.lookup) and verify them in one
+        forward, for greedy replies (temperature 0): the same tokens as without, fewer forward passes
+        when the reply copies. None: off."""
+        self.lookup = config
+
+    def _ngram_index(self, seq: Sequence) -> NgramIndex | None:
+        # Verifying needs kuaida's KV cache (rows, per-token positions): not a recurrent state, not a model
+        # run through transformers (batch 1).
+        if self.lookup is None or not seq.params.greedy or not isinstance(self.cache, KVCache):
+            return None
+        return NgramIndex(self.lookup, seq.prompt_ids)
+
+    @torch.inference_mode()
+    def verify(self, ids: list[int], pos: int) -> torch.Tensor:
+        """Feed `ids` at positions pos.. -> the logits after each [len(ids), V].
+
+        Run as a batched decode step whose rows are the same cache row at consecutive positions: each
+        token writes its key/value, then attends up to its own position through the decode kernel. So
+        every row computes what decode_one would for that token (the same matmul kernel per row, the
+        same attention), and a verified draft gives the reply greedy decoding gives. A prefill forward
+        would take another attention kernel (bf16), whose rounding can flip a close argmax."""
+        n = len(ids)
+        tokens = torch.tensor(ids)[:, None]  # [n, 1]
+        positions = torch.arange(pos, pos + n)[:, None]  # [n, 1]
+        rows = torch.zeros(n, dtype=torch.long)  # all on cache row 0
+        return self.model(tokens, positions, self.cache, rows=rows)[:, -1]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  stats: GenerationStats | None = None, spans: Seq[tuple[int, int]] = ()) -> Iterator[int]:

@@ -1,0 +1,93 @@
+"""Prompt-lookup drafts: the n-gram index, and an engine that verifies drafts gives greedy's reply."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kuaida.compress.quantize import quantize
+from kuaida.engine.generate import Engine, GenerationStats
+from kuaida.engine.lookup import LookupConfig, NgramIndex
+from kuaida.engine.sampling import SamplingParams
+from kuaida.errors import InvalidArgumentError
+from kuaida.model.args import ModelArgs
+from kuaida.model.transformer import Transformer
+
+
+def test_draft_copies_what_followed_the_longest_matching_tail():
+    index = NgramIndex(LookupConfig(max_ngram=3, min_ngram=2, draft_tokens=3), [1, 2, 3, 4, 5, 9, 2, 3])
+    assert index.draft() == [4, 5, 9]  # "2 3" occurred at 1..2, followed by 4 5 9
+    index.extend([7])
+    assert index.draft() == []  # "3 7" and "2 3 7" never occurred before
+    config = LookupConfig(max_ngram=3, min_ngram=2, draft_tokens=4)
+    index = NgramIndex(config, [8, 2, 3, 6, 1, 2, 3, 5, 1, 2, 3])
+    assert index.draft() == [5, 1, 2, 3]  # "1 2 3" (at 4..6, then 5) beats the older, shorter "2 3 6"
+    assert index.draft(limit=2) == [5, 1]
+    assert index.draft(limit=0) == []
+
+
+def test_draft_uses_the_latest_occurrence_and_single_tokens_only_when_asked():
+    ids = [4, 9, 1, 4, 7, 2, 4]
+    assert NgramIndex(LookupConfig(min_ngram=2), ids).draft() == []
+    assert NgramIndex(LookupConfig(min_ngram=1, draft_tokens=2), ids).draft() == [7, 2]  # latest "4"
+
+
+def test_bad_lookup_settings_are_refused():
+    for bad in ({"min_ngram": 0}, {"min_ngram": 4, "max_ngram": 3}, {"draft_tokens": 0}):
+        with pytest.raises(InvalidArgumentError):
+            LookupConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs.preset("tiny")).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    return m
+
+
+def generate(engine, prompt, n, **kw):
+    stats = GenerationStats()
+    return list(engine.generate(prompt, SamplingParams(max_new_tokens=n, temperature=0, **kw), stats)), stats
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_verified_drafts_give_the_greedy_reply(model, dtype):
+    """Prompts that repeat themselves (drafts get proposed, some kept): with lookup the reply is token for
+    token greedy decoding's, through the fp32 model and the int8 kernels (whose per-row sums must not
+    depend on how many rows a call has)."""
+    m = model if dtype == "fp32" else quantize(_copy(model), "int8")
+    torch.manual_seed(1)
+    kept = drafted = 0
+    for trial in range(6):
+        base = torch.randint(3, 250, (12,)).tolist()
+        prompt = base + base[:5] + [int(torch.randint(3, 250, ()))] + base
+        plain, _ = generate(Engine(m, eos_ids=set()), prompt, 24)
+        engine = Engine(m, eos_ids=set())
+        engine.use_prompt_lookup(LookupConfig(draft_tokens=4))
+        drafted_tokens, stats = generate(engine, prompt, 24)
+        assert drafted_tokens == plain, f"trial {trial}"
+        assert stats.completion_tokens == 24 and stats.finish_reason == "length"
+        kept += engine.lookup_stats.accepted
+        drafted += engine.lookup_stats.drafted
+    assert drafted > 0 and kept > 0  # the prompts repeat: drafts were made and some held
+
+
+def _copy(model):
+    clone = Transformer(model.args).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def test_lookup_respects_the_budget_and_stays_off_when_sampling(model):
+    engine = Engine(model, eos_ids=set())
+    engine.use_prompt_lookup(LookupConfig(draft_tokens=8))
+    prompt = [5, 6, 7, 8, 9] * 4
+    tokens, stats = generate(engine, prompt, 3)
+    assert len(tokens) == 3 and stats.finish_reason == "length"
+    before = engine.lookup_stats.steps
+    stats = GenerationStats()
+    list(engine.generate(prompt, SamplingParams(max_new_tokens=6, temperature=0.8, seed=0), stats))
+    assert engine.lookup_stats.steps == before  # sampled replies decode one token at a time
