@@ -15,7 +15,7 @@ def test_default_recipe_parses_into_the_configs():
     assert cfg.teacher == "default" and cfg.prune.n_layers == 14 and cfg.prune.vocab_from == "chitchat"
     assert cfg.teacher_correction_s == 180
     assert cfg.distill.train.budget_s == 600 and cfg.quantize.dtype == "int8"
-    assert cfg.distill.alpha == 0.0 and cfg.distill.temperature == 1.0  # soft targets only, at T = 1
+    assert cfg.distill.alpha == 0.5 and cfg.distill.temperature == 2.0
 
 
 def test_recipe_typos_and_bad_values_are_refused(tmp_path):
