@@ -274,12 +274,17 @@ class LookupTally:
         self.steps = self.drafted = self.accepted = 0
 
     def pair(self, bot, messages: list[dict], greedy: dict) -> str:
+        # Both replies start from an empty KV cache: the second would otherwise reuse the first's prompt
+        # and compute its last prompt token through decode's attention instead of prefill's (bf16), which
+        # can flip a near-tie and tell a cache story, not a lookup one.
         bot.use_prompt_lookup(None)
+        bot.engine.cached_ids = []
         off = bot.chat(messages, **greedy)
         self.off_s += bot.last_stats.decode_s
         self.off_tokens += max(0, bot.last_stats.completion_tokens - 1)  # decode_s starts at token 1
         bot.use_prompt_lookup()
         before = dataclasses.replace(bot.engine.lookup_stats)
+        bot.engine.cached_ids = []
         on = bot.chat(messages, **greedy)
         bot.use_prompt_lookup(None)
         self.on_s += bot.last_stats.decode_s
