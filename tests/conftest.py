@@ -58,6 +58,21 @@ def randomize_(model: torch.nn.Module, std: float = 0.2) -> None:
                 p.normal_(mean=1.0 if is_norm and name == "weight" else 0.0, std=std)
 
 
+def tiny_transformer(std: float = 0.02, seed: int = 0):
+    """kuaida's tiny Transformer with its matrices drawn from N(0, std) (norms left at 1): 0.02 is HF's init,
+    logits spread over many tokens as in a real LM; larger makes them peakier."""
+    from kuaida.model.args import ModelArgs
+    from kuaida.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+    return model
+
+
 def save_tiny_model(path: Path, model_type: str, tokenizer, seed: int = 0, **overrides) -> Path:
     """A random `model_type` causal LM sized TINY, saved as safetensors with `tokenizer` into `path`."""
     from transformers import AutoConfig, AutoModelForCausalLM

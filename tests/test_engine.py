@@ -1,23 +1,16 @@
 """The token generator on a tiny random model: prefix reuse, limits, end of turn, seeded sampling."""
 import pytest
 import torch
+from conftest import tiny_transformer
 
 from kuaida.engine.generate import Engine, GenerationStats
 from kuaida.engine.sampling import SamplingParams
 from kuaida.errors import ContextLengthError
-from kuaida.model.args import ModelArgs
-from kuaida.model.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs.preset("tiny")).eval()
-    with torch.no_grad():  # HF-style init (std 0.02): logits spread over many tokens, as in a real LM
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
-    return m
+    return tiny_transformer(std=0.02)
 
 
 def run(engine, prompt, **kw):

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_transformer
 
 from kuaida.compress.quantize import quantize
 from kuaida.engine.generate import Engine, GenerationStats
 from kuaida.engine.lookup import LookupConfig, NgramIndex
 from kuaida.engine.sampling import SamplingParams
 from kuaida.errors import InvalidArgumentError
-from kuaida.model.args import ModelArgs
 from kuaida.model.transformer import Transformer
 
 
@@ -39,13 +39,7 @@ def test_bad_lookup_settings_are_refused():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs.preset("tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
-    return m
+    return tiny_transformer(std=0.02)
 
 
 def generate(engine, prompt, n, **kw):

@@ -3,27 +3,21 @@ an explicitly masked reference, position independence, LRU, and the same reply f
 through the Engine and through the batching Scheduler."""
 import pytest
 import torch
+from conftest import tiny_transformer
 
 from kuaida.engine.generate import Engine, prefill_prompt
 from kuaida.engine.passages import PassageCache
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.scheduler import Scheduler
-from kuaida.model.args import ModelArgs
 from kuaida.model.loader import load_model
-from kuaida.model.transformer import Transformer, sdpa
+from kuaida.model.transformer import sdpa
 
 ANCHOR = [1, 2, 3]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs.preset("tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return m
+    return tiny_transformer(std=0.2)
 
 
 def masked_reference(model, anchor, prefix, passages, suffix):
