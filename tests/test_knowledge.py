@@ -213,6 +213,31 @@ def test_real_embedder_vectors_are_unit_float32():
     assert default_embedder() is default_embedder()  # one model per process
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_text_forward_matches_sentence_transformers(precision):
+    from kuaida.knowledge.embed import Embedder, OneText
+
+    embedder = Embedder(precision)
+    embedder._ensure_loaded(1)
+    st_model = embedder._replicas[0]
+    one = OneText.of(st_model)
+    assert one is not None and embedder._one_text[0] is not None
+    texts = ["how do I reset the hub", "E19?", "the hub " * 400]  # the last is truncated to 256 tokens
+    with torch.inference_mode():
+        want = st_model.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float()
+    got = torch.nn.functional.normalize(torch.cat([one(t) for t in texts]).float(), dim=-1)
+    tol = 1e-5 if precision == "fp32" else 5e-3
+    assert (got - want).abs().max() < tol
+    assert np.allclose(embedder.embed(texts[:1])[0], want[0].numpy(), atol=tol)  # one text takes OneText
+    # Anything but a BERT with mean pooling goes through encode.
+    pooling = st_model[1]
+    mode, pooling.pooling_mode = pooling.pooling_mode, "cls"
+    try:
+        assert OneText.of(st_model) is None
+    finally:
+        pooling.pooling_mode = mode
+
+
 def test_queries_embed_on_one_thread_without_changing_other_threads():
     threads = torch.get_num_threads()
     embedder = default_embedder()

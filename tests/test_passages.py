@@ -22,33 +22,37 @@ def model():
 
 def masked_reference(model, anchor, prefix, passages, suffix):
     """Last-token logits of prefix + passages + suffix where each passage attends only to `anchor` (virtual
-    tokens placed right before it) and to itself, and every other token to all real tokens before it.
-    One forward over [anchors..., prefix, passages, suffix] with explicit positions and an explicit mask."""
-    # group: -1 a real token outside passages, i: passage i, -2 - i: passage i's anchor
-    tokens, positions, group = [], [], []
+    tokens placed right before it) and to itself, and every other token to all real tokens before it."""
+    return segment_reference(model, anchor, [("text", prefix), *(("passage", p) for p in passages),
+                                             ("text", suffix)])
+
+
+def segment_reference(model, anchor, segments):
+    """Last-token logits of the segments' tokens, one forward with explicit positions and mask. Segments:
+    ("text", ids) attends to every real token before it; ("passage", ids) to `anchor` (virtual tokens
+    placed right before it) and to itself; ("block", ids) only to itself (an anchor written from the
+    cache)."""
+    # group: -1 a text token, i >= 0: passage or block i, -2 - i: passage i's virtual anchor
+    tokens, positions, group, kind = [], [], [], {}
     pos = 0
-    for t in prefix:
-        tokens.append(t), positions.append(pos), group.append(-1)
-        pos += 1
-    for i, p in enumerate(passages):
-        for j, t in enumerate(anchor):
-            tokens.append(t), positions.append(pos - len(anchor) + j), group.append(-2 - i)
-        for t in p:
-            tokens.append(t), positions.append(pos), group.append(i)
+    for i, (k, ids) in enumerate(segments):
+        kind[i] = k
+        if k == "passage":
+            for j, t in enumerate(anchor):
+                tokens.append(t), positions.append(pos - len(anchor) + j), group.append(-2 - i)
+        for t in ids:
+            tokens.append(t), positions.append(pos), group.append(-1 if k == "text" else i)
             pos += 1
-    for t in suffix:
-        tokens.append(t), positions.append(pos), group.append(-1)
-        pos += 1
     n = len(tokens)
     mask = torch.zeros(n, n, dtype=torch.bool)
     for a in range(n):
         for b in range(a + 1):
             ga, gb = group[a], group[b]
-            if ga == -1:  # a real token: every real token (prefix, passages, suffix) before it
+            if ga == -1:  # a text token: every real token (text, passages, blocks) before it
                 mask[a, b] = gb >= -1
-            elif ga >= 0:  # a passage token: its anchor and itself
+            elif ga >= 0 and kind[ga] == "passage":  # its anchor and itself
                 mask[a, b] = gb in (ga, -2 - ga)
-            else:  # an anchor token: its own anchor
+            else:  # a block token, or a virtual anchor token: its own group
                 mask[a, b] = gb == ga
     tok = torch.tensor([tokens])
     cos, sin = model.rope(torch.tensor([positions]))
@@ -70,6 +74,32 @@ def test_block_prefill_matches_the_masked_reference(model):
     # ... and it is not plain full attention (the test would pass for any prefill otherwise).
     full = prefill_prompt(model, model.new_cache(max_seq=64), prompt, 0, 0, spans, None)[0]
     assert (full - want).abs().max() > 1e-3
+
+
+def test_the_anchor_before_a_passage_is_written_from_the_cache_as_a_block(model):
+    # A later turn's passages message: conversation, then the anchor (header + instruction), then passages.
+    prefix, p1, p2, suffix = [10, 11, 12, 13, 14], [40, 41, 42, 43], [50, 51, 52], [60, 61, 62]
+    prompt = prefix + ANCHOR + p1 + p2 + suffix
+    spans = [(8, 12), (12, 15)]
+    passages = PassageCache(model, ANCHOR)
+    got = prefill_prompt(model, model.new_cache(max_seq=64), prompt, 0, 0, spans, passages)[0]
+    want = segment_reference(model, ANCHOR, [("text", prefix), ("block", ANCHOR), ("passage", p1),
+                                             ("passage", p2), ("text", suffix)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Not the anchor prefilled as text (attending to the prefix): that differs.
+    as_text = segment_reference(model, ANCHOR, [("text", prefix + ANCHOR), ("passage", p1), ("passage", p2),
+                                                ("text", suffix)])
+    assert (as_text - want).abs().max() > 1e-3
+    # At a prompt's start the block is what full attention computes: the same logits as prefilling it.
+    opening = ANCHOR + p1 + suffix
+    got = prefill_prompt(model, model.new_cache(max_seq=64), opening, 0, 0, [(3, 7)], passages)[0]
+    want = segment_reference(model, ANCHOR, [("text", ANCHOR), ("passage", p1), ("text", suffix)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # An anchor partly inside the cached prefix is left to the prefill (its cached part stays as it was).
+    cache = model.new_cache(max_seq=64)
+    prefill_prompt(model, cache, prompt[:7], 0, 0, [], passages)
+    resumed = prefill_prompt(model, cache, prompt, 7, 0, spans, passages)[0]
+    torch.testing.assert_close(resumed, as_text, rtol=1e-4, atol=1e-4)
 
 
 def test_a_passage_moved_elsewhere_gives_the_same_as_the_reference_there(model):

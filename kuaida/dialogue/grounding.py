@@ -13,7 +13,9 @@ later turns, the way a tool result stays in a transcript. So turn n's prompt is 
 the reply plus the new turn: only the new turn (its passages and its question) is ever prefilled. A
 passage already shown earlier in the conversation is not repeated (it is still in the context); a turn
 with no new passage gets no system message. (Measured on the default 135M model: passages in a system
-message before the question are used far more often than passages inside the user message.)
+message before the question are used far more often than passages inside the user message, and than a
+system message after the question: 61 sample questions, replies with the fact 31.1 % / 45.9 % (passage
+cache / full attention) before the question, 18.0 % / 26.2 % after it.)
 
 Each passage is wrapped in PASSAGE_START / PASSAGE_END (Unicode private-use characters).
 kuaida.dialogue.template tokenizes a wrapped passage on its own and reports its token span, so the

@@ -1,6 +1,7 @@
 """Prompt assembly with the checkpoint's own chat template, and where a turn ends."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -57,16 +58,23 @@ def render_prompt(tokenizer, messages: list[dict[str, str]],
     ids: list[int] = []
     for j, part in enumerate(_MARK.split(text)):  # even parts: template text; odd: message index
         if j % 2 == 0:
-            ids += tokenizer.encode(part, add_special_tokens=False) if part else []
+            ids += _encode(tokenizer, part, False) if part else ()
             continue
         for k, piece in enumerate(PASSAGE.split(msgs[int(part)]["content"])):  # odd pieces: passages
             if not piece:
                 continue
             start = len(ids)
-            ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
+            ids += _encode(tokenizer, piece, True)
             if k % 2 == 1 and spans is not None:
                 spans.append((start, len(ids)))
     return ids
+
+
+@functools.lru_cache(maxsize=4096)
+def _encode(tokenizer, text: str, split_special: bool) -> tuple[int, ...]:
+    """Token ids of one piece, memoized: a conversation's turns and passages recur in every later prompt
+    (a grounded turn-3 prompt, ~1,200 tokens in ~20 pieces, tokenized in 3.3 ms, most of it again)."""
+    return tuple(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split_special))
 
 
 def passage_anchor_ids(tokenizer) -> list[int]:

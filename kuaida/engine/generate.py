@@ -66,13 +66,19 @@ def prefill_prompt(model: torch.nn.Module, cache, prompt: list[int], n_cached: i
     position, passages included), so a prompt costs one forward however many passages it holds. A span
     the cached prefix ends inside is written whole (its first tokens are the same either way: a
     passage's encoding depends on nothing before it); a span that reaches the prompt's last token is
-    prefilled (that token's logits start the reply)."""
+    prefilled (that token's logits start the reply). The passage cache's anchor (the passages message's
+    header and instruction), where the new tokens hold it right before a passage written from the cache,
+    is written from the cache too (see kuaida.engine.passages)."""
     if passages is None or not spans:
         return prefill(model, cache, prompt[n_cached:], n_cached, row)
     written = []
+    a = len(passages.anchor)
     for s, e in spans:
         if e <= n_cached or e >= len(prompt) or not passages.fits(e - s):
             continue
+        if s - a >= n_cached and prompt[s - a:s] == passages.anchor:
+            passages.write_anchor(cache, row, s - a)
+            written.append((s - a, s))
         passages.write(cache, row, s, prompt[s:e])
         written.append((s, e))
     todo = [p for p in range(n_cached, len(prompt)) if not any(s <= p < e for s, e in written)]

@@ -9,6 +9,14 @@ prompt that contains it gets them copied into its KV-cache row, the keys rotated
 (RoPE is a rotation by position, so a key at position p moves to p + d by rotating it by d), instead of
 prefilling it.
 
+The anchor is itself a block: where a prompt holds the anchor's tokens right before a passage (each
+turn's passages message opens with the template's header and the instruction, the tokens the passages
+were encoded after), their keys and values come from here too, encoded once at position 0 and moved like
+a passage's. At a conversation's first turn that is exactly full attention (the anchor opens the
+prompt); at later turns the header and instruction attend to themselves, not to the conversation before
+them: the same view of them the passages were encoded with, and ~45 tokens fewer to prefill per grounded
+turn.
+
 The semantics do not depend on the cache's state: a passage that is not cached yet is encoded in the
 same way and then stored, so a reply is the same whether its passages were cached or not. What changes
 against full attention (every token attending to everything before it) is measured by `kuaida bench kb`
@@ -53,6 +61,7 @@ class PassageCache:
         self._entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._bytes = 0
         self._scratch = None  # a 1-row KV cache holding the anchor, then the passage being encoded
+        self._anchor_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # [L, Hkv, A, D], positions 0..A-1
         self._lock = threading.Lock()
 
     @property
@@ -99,21 +108,38 @@ class PassageCache:
         a, t = len(self.anchor), len(ids)
         if not self.fits(t):
             raise ValueError(f"a passage of {t} tokens; the cache takes 1..{self.max_tokens}")
-        if self._scratch is None:
-            self._scratch = self.model.new_cache(batch=1, max_seq=a + self.max_tokens)
-            self.model(torch.tensor([self.anchor]), torch.arange(a)[None], self._scratch, last_only=True)
+        self._ensure_anchor()
         self.model(torch.tensor([ids]), torch.arange(a, a + t)[None], self._scratch, last_only=True)
         k = torch.stack([layer[0, :, a:a + t] for layer in self._scratch.k])  # [L, Hkv, T, D]
         v = torch.stack([layer[0, :, a:a + t] for layer in self._scratch.v])
         return k, v
 
+    def _ensure_anchor(self) -> None:
+        if self._scratch is not None:
+            return
+        a = len(self.anchor)
+        self._scratch = self.model.new_cache(batch=1, max_seq=a + self.max_tokens)
+        self.model(torch.tensor([self.anchor]), torch.arange(a)[None], self._scratch, last_only=True)
+        self._anchor_kv = (torch.stack([layer[0, :, :a].clone() for layer in self._scratch.k]),
+                           torch.stack([layer[0, :, :a].clone() for layer in self._scratch.v]))
+
     @torch.inference_mode()
     def write(self, cache, row: int, start: int, ids: list[int]) -> None:
         """Put the passage `ids` at positions start .. start + len(ids) - 1 of `cache` row `row`."""
         k, v = self.kv(ids)
-        t = len(ids)
-        # Rotate every key by the shift d = start - len(anchor): R(p + d) k = R(d) R(p) k.
-        cos, sin = self.model.rope(torch.tensor([[start - len(self.anchor)]]))  # [1, 1, 1, D]
+        self._place(cache, row, start, k, v, start - len(self.anchor))
+
+    @torch.inference_mode()
+    def write_anchor(self, cache, row: int, start: int) -> None:
+        """Put the anchor, encoded on its own, at positions start .. start + len(anchor) - 1 of row `row`."""
+        with self._lock:
+            self._ensure_anchor()
+        self._place(cache, row, start, *self._anchor_kv, start)
+
+    def _place(self, cache, row: int, start: int, k: torch.Tensor, v: torch.Tensor, shift: int) -> None:
+        t = k.shape[2]
+        # Rotate every key by the shift d (its new position minus the encoded one): R(p + d) k = R(d) R(p) k.
+        cos, sin = self.model.rope(torch.tensor([[shift]]))  # [1, 1, 1, D]
         k32 = k.float()
         k_moved = (k32 * cos[0] + rotate_half(k32) * sin[0]).to(cache.k[0].dtype)  # [L, Hkv, T, D]
         for layer in range(len(cache.k)):
