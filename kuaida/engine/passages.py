@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kuaida.model.transformer import rotate_half
 
 
 @dataclass
@@ -139,9 +138,17 @@ class PassageCache:
     def _place(self, cache, row: int, start: int, k: torch.Tensor, v: torch.Tensor, shift: int) -> None:
         t = k.shape[2]
         # Rotate every key by the shift d (its new position minus the encoded one): R(p + d) k = R(d) R(p) k.
-        cos, sin = self.model.rope(torch.tensor([[shift]]))  # [1, 1, 1, D]
+        cos, sin = self.model.rope(torch.tensor([[shift]]))  # [1, 1, 1, D], both halves equal
+        # k * cos + rotate_half(k) * sin, half by half into one preallocated tensor of the cache's dtype:
+        # the same arithmetic; the one-expression form took 3-6 ms per 130-token passage here (casting
+        # its freshly computed fp32 result to fp16 alone took ~2.5 ms), this ~0.3 ms.
+        h = k.shape[-1] // 2
+        c, s = cos.reshape(-1)[:h], sin.reshape(-1)[:h]
         k32 = k.float()
-        k_moved = (k32 * cos[0] + rotate_half(k32) * sin[0]).to(cache.k[0].dtype)  # [L, Hkv, T, D]
+        x1, x2 = k32[..., :h], k32[..., h:]
+        k_moved = torch.empty(k.shape, dtype=cache.k[0].dtype)  # [L, Hkv, T, D]
+        k_moved[..., :h] = x1 * c - x2 * s
+        k_moved[..., h:] = x2 * c + x1 * s
         for layer in range(len(cache.k)):
             cache.k[layer][row, :, start:start + t] = k_moved[layer]
             cache.v[layer][row, :, start:start + t] = v[layer]
