@@ -110,6 +110,9 @@ def serve(
                                          "wherever they recur (block attention: faster grounded replies, "
                                          "fewer of them use the passages; see benchmarks/results/kb.md); "
                                          "0: prefill passages in place (full attention)."),
+    prompt_lookup: bool = typer.Option(True, help="Greedy replies (temperature 0) verify tokens drafted "
+                                       "from their prompt in the decode step's spare rows: the same "
+                                       "replies, faster where they quote the prompt (grounded answers)."),
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/sessions, /metrics, web chat at /.
 
@@ -121,7 +124,7 @@ def serve(
     config = ServerConfig(model=model, host=host, port=port, api_key=api_key, dtype=dtype, max_batch=max_batch,
                           max_context=max_context, cache_mb=cache_mb, max_queue=max_queue, db=db,
                           prefix_cache=prefix_cache, kb_dir=kb_dir, knowledge_bases=tuple(kb),
-                          passage_cache_mb=passage_cache_mb)
+                          passage_cache_mb=passage_cache_mb, prompt_lookup=prompt_lookup)
     with err.status(f"loading {model} ({dtype}) ..."):
         server_app = create_app(config, load_weights(model, dtype))
     run_server(server_app, on_ready=lambda url: typer.echo(

@@ -85,3 +85,83 @@ def test_lookup_respects_the_budget_and_stays_off_when_sampling(model):
     stats = GenerationStats()
     list(engine.generate(prompt, SamplingParams(max_new_tokens=6, temperature=0.8, seed=0), stats))
     assert engine.lookup_stats.steps == before  # sampled replies decode one token at a time
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_scheduler_drafts_give_each_request_its_greedy_reply(tiny_llama_dir, dtype):
+    """Concurrent greedy requests with prompt lookup in the batching scheduler (drafts as extra rows of
+    the decode step): each reply is the single-stream greedy reply, drafts were made and some kept."""
+    from kuaida.engine.scheduler import Scheduler
+    from kuaida.model.loader import load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    m = loaded.model if dtype == "fp32" else quantize(loaded.model, "int8")
+    eos = {loaded.tokenizer.eos_token_id}
+    torch.manual_seed(2)
+    prompts = []
+    for _ in range(5):
+        base = torch.randint(3, 250, (10,)).tolist()
+        prompts.append(base + base[:4] + [7] + base)
+    params = SamplingParams(max_new_tokens=48, temperature=0)
+
+    def plain(prompt):
+        return "".join(Engine(m, eos, max_context=128).stream(prompt, params, loaded.tokenizer))
+
+    want = [plain(p) for p in prompts]
+    sched = Scheduler(m, loaded.tokenizer, eos, max_batch=3, max_context=128, cache_budget_mb=1,
+                      lookup=LookupConfig(draft_tokens=4), lookup_rows=8).start()
+    try:
+        streams = [sched.submit(p, params) for p in prompts]
+        got = ["".join(s) for s in streams]
+        sampled = sched.submit(prompts[0], SamplingParams(max_new_tokens=8, temperature=0.8, seed=1))
+        "".join(sampled)
+    finally:
+        sched.stop()
+    assert got == want
+    assert sched.metrics.drafted_tokens > 0  # the prompts repeat: drafts were verified (kept or not)
+
+
+class Cycler(torch.nn.Module):
+    """A model whose greedy next token depends only on the current one (t -> CYCLE's next, else
+    CYCLE[0]), computed through a real tiny model (its KV cache written as usual): replies repeat, so
+    prompt-lookup drafts hold, on any CPU."""
+
+    CYCLE = [11, 23, 35, 47, 59, 71]
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner, self.args = inner, inner.args
+        nxt = torch.full((inner.args.vocab_size,), self.CYCLE[0])
+        nxt[self.CYCLE] = torch.tensor(self.CYCLE[1:] + self.CYCLE[:1])
+        self.register_buffer("nxt", nxt)
+
+    def new_cache(self, **kw):
+        return self.inner.new_cache(**kw)
+
+    def forward(self, tokens, positions=None, cache=None, rows=slice(0, 1), last_only=False):
+        logits = self.inner(tokens, positions, cache, rows=rows, last_only=last_only)
+        picked = tokens[:, -1:] if last_only else tokens
+        return logits + 100 * torch.nn.functional.one_hot(self.nxt[picked], logits.shape[-1])
+
+
+def test_scheduler_keeps_drafts_that_hold_and_budgets_rows(tiny_llama_dir):
+    from kuaida.engine.scheduler import Scheduler
+    from kuaida.model.loader import load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    m, eos = Cycler(loaded.model), {loaded.tokenizer.eos_token_id}
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    prompts = [[5, 6, 7, 11], [9, 23, 35], [100, 101]]
+    want = ["".join(Engine(m, eos, max_context=128).stream(p, params, loaded.tokenizer)) for p in prompts]
+    sched = Scheduler(m, loaded.tokenizer, eos, max_batch=3, max_context=128, cache_budget_mb=1,
+                      lookup=LookupConfig(draft_tokens=4), lookup_rows=7).start()
+    try:
+        streams = [sched.submit(p, params) for p in prompts]
+        got = ["".join(s) for s in streams]
+    finally:
+        sched.stop()
+    assert got == want and all(s.stats.completion_tokens == 30 for s in streams)
+    metrics = sched.metrics
+    assert metrics.accepted_tokens == metrics.drafted_tokens > 30  # a cycle: every draft holds
+    # 3 requests share 7 rows a step: at most 4 drafts a step, so at least (90 - 3) / 7 steps.
+    assert 87 / 7 <= metrics.decode_steps < 87 / 3

@@ -122,7 +122,7 @@ class OneText:
         import torch
 
         bert = st_model[0].auto_model
-        self.tokenize = st_model.tokenize
+        self.tokenizer, self.max_tokens = st_model.tokenizer, st_model.max_seq_length
         e = bert.embeddings
         self.word, self.pos = e.word_embeddings.weight, e.position_embeddings.weight
         self.type0 = e.token_type_embeddings.weight[0]
@@ -154,7 +154,8 @@ class OneText:
         import torch
         import torch.nn.functional as F
 
-        ids = self.tokenize([text])["input_ids"]  # [1, T], [CLS] ... [SEP], truncated to max_seq_length
+        # [1, T]: [CLS] ... [SEP], truncated to max_seq_length as sentence-transformers truncates
+        ids = self.tokenizer(text, truncation=True, max_length=self.max_tokens, return_tensors="pt")["input_ids"]
         T = ids.shape[1]
         with torch.inference_mode():
             x = self.emb_norm(self.word[ids] + self.pos[:T] + self.type0)  # [1, T, 384]

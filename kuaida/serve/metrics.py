@@ -36,6 +36,8 @@ class SchedulerCollector:
         "evictions": ("kuaida_kv_cache_evictions", "Idle conversations whose KV cache was overwritten."),
         "decode_steps": ("kuaida_decode_steps", "Batched decode steps."),
         "decoded_tokens": ("kuaida_decoded_tokens", "Tokens decoded, over all requests."),
+        "drafted_tokens": ("kuaida_lookup_drafted_tokens", "Prompt-lookup draft tokens verified."),
+        "accepted_tokens": ("kuaida_lookup_accepted_tokens", "Prompt-lookup draft tokens kept."),
     }
 
     def __init__(self, scheduler: Scheduler) -> None:
