@@ -152,6 +152,22 @@ def test_openai_client_stream(openai_client):
     assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].choices == []
 
 
+def test_prompt_lookup_in_the_server_gives_the_greedy_reply(openai_client, default_server):
+    """The server verifies prompt-lookup drafts for greedy requests (on by default): a reply that quotes
+    its prompt gets drafts, some kept, and is token for token the in-process engine's greedy reply
+    without drafts."""
+    from kuaida.bot import load
+
+    messages = [{"role": "user", "content": "Repeat this sentence three times: the blue hub blinks amber "
+                                            "when the network is down."}]
+    before = metric(default_server.url, "kuaida_lookup_accepted_tokens_total")
+    reply = openai_client.chat.completions.create(model="default", messages=messages, max_tokens=48,
+                                                  temperature=0)
+    bot = load("default", dtype="int8")
+    assert reply.choices[0].message.content == bot.chat(messages, max_new_tokens=48, temperature=0)
+    assert metric(default_server.url, "kuaida_lookup_accepted_tokens_total") > before
+
+
 def test_openai_client_errors(openai_client, default_server):
     import openai
 
