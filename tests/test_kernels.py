@@ -190,18 +190,55 @@ def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, no_avx512, threads, 
         monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the thresholds depend on it
     bf16_rows = kernels.bf16_gemm_min_rows(dtype, kernels.avx512())
+    fused = dtype == "int8" and m >= kernels.FUSED_INT8_MIN_ROWS and kernels.fused_int8()
     y = op(x, *wargs, bias)
     monkeypatch.setattr(kernels, "_load", lambda: None)
     fallback = op(x, *wargs, bias)
     assert fallback.shape == y.shape == (1, m, 192)
     torch.testing.assert_close(fallback, F.linear(x, deq, bias), rtol=0, atol=1e-5)
-    if bf16_fast and m >= bf16_rows:
+    if (bf16_fast and m >= bf16_rows) or fused:
         bound = 2**-7 * 1.01 * F.linear(x[0].abs(), deq.abs()) + 1e-5
     elif not bf16_fast and m >= kernels.FP32_GEMM_MIN_ROWS[dtype]:
         bound = torch.full_like(fallback[0], 1e-5)  # the same fp32 GEMM as the fallback
     else:
         bound = F.linear(block_absmax(x[0]) / (2 * ACT_MAX), scaled.abs()) * 1.001 + 1e-5
     assert ((y - fallback)[0].abs() <= bound).all()
+
+
+needs_fused = pytest.mark.skipif(not kernels.available() or not kernels._has_avx512_bf16_attention(),
+                                 reason="the fused int8 kernel needs AVX512-BF16")
+
+
+@needs_fused
+@pytest.mark.parametrize("m", [1, 12, 15, 16, 17, 33, 70])
+@pytest.mark.parametrize("n, k, group", [(192, 576, 32), (13, 96, 32), (100, 256, 64)])
+def test_fused_int8_kernel_matches_the_reference(m, n, k, group):
+    """int8_linear_bf16 (weights dequantized tile by tile into bf16 dot products): within bf16 rounding of
+    the exact product (x and w each rounded to bf16: at most 2^-7 sum |x w|), any row count, N not a
+    multiple of its tile, panels partly empty, 3-d input, with and without a bias."""
+    torch.manual_seed(m + n)
+    q, d = ref.quantize_int8(torch.randn(n, k), group)
+    deq = ref.dequantize_int8(q, d)
+    x, bias = torch.randn(2, m, k), torch.randn(n)
+    ext = kernels._load("attention")
+    for b in (bias, None):
+        got = ext.int8_linear_bf16(x, q, d, b)
+        want = F.linear(x, deq, b)
+        assert got.shape == (2, m, n)
+        assert ((got - want).abs() <= 2**-7 * 1.01 * F.linear(x.abs(), deq.abs()) + 1e-5).all()
+    assert (got - F.linear(x.bfloat16().float(), deq.bfloat16().float())).abs().max() < 1e-3  # bf16 inputs
+
+
+@needs_fused
+def test_fused_int8_dispatch_and_switch(monkeypatch):
+    q, d = ref.quantize_int8(torch.randn(64, 128), 32)
+    x = torch.randn(kernels.FUSED_INT8_MIN_ROWS, 128)
+    fused = kernels._load("attention").int8_linear_bf16(x, q, d, None)
+    assert torch.equal(kernels.int8_linear(x, q, d), fused)
+    monkeypatch.setenv("KUAIDA_NO_FUSED_INT8", "1")
+    assert not kernels.fused_int8() and not torch.equal(kernels.int8_linear(x, q, d), fused)
+    monkeypatch.delenv("KUAIDA_NO_FUSED_INT8")
+    assert not torch.equal(kernels.int8_linear(x[:-1], q, d), kernels._load("attention").int8_linear_bf16(x[:-1], q, d, None))
 
 
 def test_build_failure_falls_back(monkeypatch, caplog):

@@ -37,6 +37,11 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 BF16_GEMM_MIN_ROWS = {"int8": (19, 27), "int4": (15, 21)}  # (one thread, two or more)
 BF16_GEMM_MIN_ROWS_AVX2 = {"int8": 10, "int4": 14}
 FP32_GEMM_MIN_ROWS = {"int8": 48, "int4": 128}
+# int8 with AVX512-BF16: from this many rows the fused kernel (attention.cpp, int8_linear_bf16: weights
+# dequantized tile by tile into bf16 dot products, no layer-sized buffer, no oneDNN reorder) beats both the
+# integer kernel and dequantize + oneDNN, with one thread or two (~12 rows either way; at 16-64 rows it
+# takes 1.25-1.36x less time than dequantize + oneDNN over the default model's layers, kernels.md).
+FUSED_INT8_MIN_ROWS = 12
 
 
 def cache_dir() -> Path:
@@ -151,6 +156,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
     ext = _load()
     if ext is None:
         return reference.int8_linear(x.float(), q, d, bias)
+    if x.numel() >= FUSED_INT8_MIN_ROWS * x.shape[-1] and fused_int8():
+        return _load("attention").int8_linear_bf16(_fp32(x), q, d, bias)
     wide = avx512()
     if (gemm := _gemm_dtype(x, "int8", q.shape[0], wide)) is not None:
         return _gemm(x, ext.int8_dequantize(q, d, weight_buffer(*q.shape, gemm), wide), bias)
@@ -185,6 +192,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: to
 @functools.cache
 def _has_avx512_bf16_attention() -> bool:
     return (ext := _load("attention")) is not None and ext.has_avx512_bf16()
+
+
+def fused_int8() -> bool:
+    """True when int8 layers take the fused AVX-512 BF16 kernel for many rows: native bf16 (AVX512-BF16),
+    the AVX-512 paths on (KUAIDA_NO_AVX512 not 1) and KUAIDA_NO_FUSED_INT8 not 1 (read on every call: an
+    escape hatch, and A/B measurements)."""
+    return (bf16_gemm_is_fast() and avx512() and _has_avx512_bf16_attention()
+            and os.environ.get("KUAIDA_NO_FUSED_INT8") != "1")
 
 
 def bf16_attention() -> bool:

@@ -220,13 +220,20 @@ KUAIDA_AVX512_BF16 inline __m512 exp2_512(__m512 x) {
 // r[0..16) <- its transpose (16 x 16 32-bit lanes): four rounds, each swapping the off-diagonal b x b blocks
 // of every 2b x 2b block (b = 8, 4, 2, 1) with two-source permutes.
 KUAIDA_AVX512_BF16 void transpose16(__m512i* r) {
-  for (int b = 8; b >= 1; b /= 2) {
-    alignas(64) int32_t lo[16], hi[16];
-    for (int j = 0; j < 16; ++j) {
-      lo[j] = (j & b) ? 16 + j - b : j;  // row i keeps its columns without bit b, takes row i + b's others
-      hi[j] = (j & b) ? 16 + j : j + b;
+  // The permute indices of each round, computed once (building them per call cost more than the permutes).
+  struct Indices {
+    alignas(64) int32_t lo[4][16], hi[4][16];
+    Indices() {
+      for (int round = 0, b = 8; b >= 1; b /= 2, ++round)
+        for (int j = 0; j < 16; ++j) {
+          lo[round][j] = (j & b) ? 16 + j - b : j;  // row i keeps its columns without bit b, takes row i + b's
+          hi[round][j] = (j & b) ? 16 + j : j + b;
+        }
     }
-    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+  };
+  static const Indices idx;
+  for (int round = 0, b = 8; b >= 1; b /= 2, ++round) {
+    const __m512i ilo = _mm512_load_si512(idx.lo[round]), ihi = _mm512_load_si512(idx.hi[round]);
     for (int i = 0; i < 16; ++i) {
       if (i & b) continue;
       const __m512i a = r[i], c = r[i + b];
@@ -415,7 +422,121 @@ KUAIDA_AVX512_BF16 void prefill_task(const PrefillArgs& a, int64_t h, int64_t t0
   }
 }
 
+// -- int8 weights x many rows, AVX-512 BF16 ----------------------------------------------------------
+// y [M, N] = x [M, K] @ dequant(q [N, K] int8, d [N, groups] fp16)^T (+ bias), for prefill-sized M (the
+// integer kernel in qgemm.cpp serves a few rows). The former many-row path dequantized the whole layer into
+// a bf16 buffer and called oneDNN, which then reorders it. Here the roles of attention's score tile are
+// swapped: the activations are packed once per call into panels of 16 rows ([K/2][16] bf16 pairs, the
+// "keys"), and each thread dequantizes kWRows weight rows at a time, row after row, into bf16 pairs (the
+// "queries", broadcast one pair at a time): the weights need no transpose, every weight byte is read once,
+// and nothing the size of a layer is written. Output tiles [kWRows weight rows][16 x panels] are stored
+// transposed into y.
+// Numerics: weights q * d and activations rounded to bf16 (RNE), fp32 accumulation.
+constexpr int kWRows = 12;  // weight rows per tile: 12 x 2 panels = 24 accumulators
+
+// Weight rows [0, n) of q (K int8 each, scales d) -> bf16 pairs [n][K/2].
+KUAIDA_AVX512_BF16 void dequant_rows_int8(const int8_t* q, const at::Half* d, int64_t K, int64_t groups,
+                                          int64_t n, uint32_t* out) {
+  const int64_t per_group = K / groups;  // a multiple of 32 (group sizes are)
+  for (int64_t i = 0; i < n; ++i) {
+    const int8_t* src = q + i * K;
+    uint32_t* row = out + i * (K / 2);
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const __m512 sc = _mm512_set1_ps(_cvtsh_ss(d[i * groups + k0 / per_group].x));
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k0)))), sc);
+      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k0 + 16)))), sc);
+      _mm512_storeu_si512(row + k0 / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+// x [M, K] fp32 -> panels [ceil(M/16)][K/2][16] of bf16 pairs (rows past M zero).
+KUAIDA_AVX512_BF16 void pack_rows_bf16(const float* x, int64_t M, int64_t K, uint32_t* panels) {
+  const int64_t P = K / 2;
+  for (int64_t m0 = 0; m0 < M; m0 += kPanel) {
+    uint32_t* panel = panels + (m0 / kPanel) * P * kPanel;
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      __m512i r[kPanel];
+      for (int64_t i = 0; i < kPanel; ++i) {
+        if (m0 + i >= M) {
+          r[i] = _mm512_setzero_si512();
+          continue;
+        }
+        const float* src = x + (m0 + i) * K + k0;
+        r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+      }
+      transpose16(r);
+      for (int64_t p = 0; p < kPanel; ++p) _mm512_storeu_si512(panel + (k0 / 2 + p) * kPanel, r[p]);
+    }
+  }
+}
+
+struct Int8Gemm {
+  const uint32_t* xp;  // activation panels
+  int64_t M, panels, N, K, groups;
+  const int8_t* q;
+  const at::Half* d;
+  const float* bias;
+  float* out;
+};
+
+// Weight rows [n0, n0 + rows) against every activation panel.
+KUAIDA_AVX512_BF16 void int8_gemm_task(const Int8Gemm& g, int64_t n0, int64_t rows, uint32_t* w, float* s) {
+  const int64_t P = g.K / 2;
+  dequant_rows_int8(g.q + n0 * g.K, g.d + n0 * g.groups, g.K, g.groups, rows, w);
+  if (rows < kWRows) std::fill(w + rows * P, w + kWRows * P, 0u);
+  constexpr int64_t lds = 2 * kPanel;
+  for (int64_t j = 0; j < g.panels; j += 2) {
+    const int64_t np = std::min<int64_t>(2, g.panels - j);
+    if (np == 2) {
+      score_tile<kWRows, 2>(w, g.xp + j * P * kPanel, P, 1.0f, s, lds);
+    } else {
+      score_tile<kWRows, 1>(w, g.xp + j * P * kPanel, P, 1.0f, s, lds);
+    }
+    const int64_t m_end = std::min<int64_t>(g.M, (j + np) * kPanel);
+    for (int64_t m = j * kPanel; m < m_end; ++m) {  // s[r][m - j * 16] -> y[m][n0 + r]
+      float* o = g.out + m * g.N + n0;
+      const float* sc = s + (m - j * kPanel);
+      for (int64_t r = 0; r < rows; ++r) o[r] = g.bias ? sc[r * lds] + g.bias[n0 + r] : sc[r * lds];
+    }
+  }
+}
+
 }  // namespace
+
+at::Tensor int8_linear_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "int8_linear_bf16 needs AVX512-BF16");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q: contiguous int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) == K && K % 32 == 0,
+              "x: contiguous fp32 [..., K], K a multiple of 32");
+  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == N &&
+              d.size(1) >= 1 && K % d.size(1) == 0 && (K / d.size(1)) % 32 == 0, "d: fp16 [N, K / group]");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "bias: contiguous fp32 [N]");
+  const int64_t M = x.numel() / K, P = K / 2, panels = (M + kPanel - 1) / kPanel;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  if (M == 0) return y;
+  std::vector<uint32_t> xp(panels * P * kPanel);
+  pack_rows_bf16(x.data_ptr<float>(), M, K, xp.data());
+  const Int8Gemm g{xp.data(), M, panels, N, K, d.size(1), q.data_ptr<int8_t>(), d.data_ptr<at::Half>(),
+                   bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
+  const int64_t tiles = (N + kWRows - 1) / kWRows;
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<uint32_t> w;
+    static thread_local std::vector<float> s;
+    w.resize(kWRows * P);
+    s.resize(kWRows * 2 * kPanel);
+    for (int64_t t = begin; t < end; ++t)
+      int8_gemm_task(g, t * kWRows, std::min<int64_t>(kWRows, N - t * kWRows), w.data(), s.data());
+  });
+  return y;
+}
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t row,
                              const at::Tensor& positions, double scale) {
@@ -477,5 +598,6 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("decode_attention", &decode_attention, "one query per sequence over its cached keys/values (GQA)");
   mod.def("prefill_attention", &prefill_attention, "T queries of one sequence over its fp16 cache (AVX-512 BF16)");
+  mod.def("int8_linear_bf16", &int8_linear_bf16, "int8 weights x many fp32 rows via bf16 dot products (AVX-512 BF16)");
   mod.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether the CPU can run prefill_attention");
 }
