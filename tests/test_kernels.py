@@ -238,7 +238,9 @@ def test_fused_int8_dispatch_and_switch(monkeypatch):
     monkeypatch.setenv("KUAIDA_NO_FUSED_INT8", "1")
     assert not kernels.fused_int8() and not torch.equal(kernels.int8_linear(x, q, d), fused)
     monkeypatch.delenv("KUAIDA_NO_FUSED_INT8")
-    assert not torch.equal(kernels.int8_linear(x[:-1], q, d), kernels._load("attention").int8_linear_bf16(x[:-1], q, d, None))
+    fewer = x[:-1]  # below the threshold: the integer kernel
+    assert not torch.equal(kernels.int8_linear(fewer, q, d),
+                           kernels._load("attention").int8_linear_bf16(fewer, q, d, None))
 
 
 def test_build_failure_falls_back(monkeypatch, caplog):

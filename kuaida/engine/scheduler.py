@@ -307,7 +307,8 @@ class Scheduler:
             d: list[int] = []
             if a.index is not None and spare > 0:
                 # Room for the drafts and the token after them, in the reply's budget and the context.
-                room = min(a.seq.budget - len(a.seq.tokens), self.max_context - len(a.slot.cached_ids) - 1) - 1
+                left = min(a.seq.budget - len(a.seq.tokens), self.max_context - len(a.slot.cached_ids) - 1)
+                room = left - 1
                 d = a.index.draft(min(room, spare))
                 spare -= len(d)
             out.append(d)
