@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class PassageCacheStats:
     hits: int = 0
