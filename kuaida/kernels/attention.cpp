@@ -226,7 +226,8 @@ KUAIDA_AVX512_BF16 void transpose16(__m512i* r) {
     Indices() {
       for (int round = 0, b = 8; b >= 1; b /= 2, ++round)
         for (int j = 0; j < 16; ++j) {
-          lo[round][j] = (j & b) ? 16 + j - b : j;  // row i keeps its columns without bit b, takes row i + b's
+          // row i keeps its columns without bit b, takes row i + b's
+          lo[round][j] = (j & b) ? 16 + j - b : j;
           hi[round][j] = (j & b) ? 16 + j : j + b;
         }
     }
@@ -598,6 +599,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("decode_attention", &decode_attention, "one query per sequence over its cached keys/values (GQA)");
   mod.def("prefill_attention", &prefill_attention, "T queries of one sequence over its fp16 cache (AVX-512 BF16)");
-  mod.def("int8_linear_bf16", &int8_linear_bf16, "int8 weights x many fp32 rows via bf16 dot products (AVX-512 BF16)");
+  mod.def("int8_linear_bf16", &int8_linear_bf16,
+          "int8 weights x many fp32 rows via bf16 dot products (AVX-512 BF16)");
   mod.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether the CPU can run prefill_attention");
 }

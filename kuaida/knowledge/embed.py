@@ -155,7 +155,8 @@ class OneText:
         import torch.nn.functional as F
 
         # [1, T]: [CLS] ... [SEP], truncated to max_seq_length as sentence-transformers truncates
-        ids = self.tokenizer(text, truncation=True, max_length=self.max_tokens, return_tensors="pt")["input_ids"]
+        ids = self.tokenizer(text, truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")["input_ids"]
         T = ids.shape[1]
         with torch.inference_mode():
             x = self.emb_norm(self.word[ids] + self.pos[:T] + self.type0)  # [1, T, 384]
