@@ -174,8 +174,16 @@ def test_keyword_recall_on_known_answers(tiny_report):
 def test_ttft_scenarios_reuse_the_previous_turn_and_their_passages(tiny_report):
     model = tiny_report["models"][0]
     rows = {row["scenario"]: row for row in model["ttft"]}
-    assert set(rows) == {"warm, passages seen before", "warm, new passages", "warm, full attention", "cold"}
-    assert all(row["grounded_tokens"] > row["plain_tokens"] for row in rows.values())
+    assert set(rows) == {"warm, passages seen before", "warm, new passages", "warm, full attention", "cold",
+                         "same history, passages seen before"}
+    assert all(row["grounded_tokens"] > row["plain_tokens"]
+               for name, row in rows.items() if not name.startswith("same history"))
+    # Same history: the plain prompt holds turns 1-2's passages too, and the grounded prompt extends turn 2's
+    # grounded prompt just as the plain one does (both warm from it).
+    same = rows["same history, passages seen before"]
+    assert same["plain_tokens"] > rows["warm, passages seen before"]["plain_tokens"]
+    assert same["grounded_tokens"] >= same["plain_tokens"]  # turn 3's passages, when it has new ones
+    assert same["plain_cached"] == same["grounded_cached"] > 0
     assert rows["cold"]["plain_cached"] == rows["cold"]["grounded_cached"] == 0
     for name in ("warm, passages seen before", "warm, new passages", "warm, full attention"):
         # Turn 2's grounded prompt (its passages in place) is a prefix of turn 3's: all of it is reused.

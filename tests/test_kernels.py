@@ -317,3 +317,44 @@ def test_decode_attention_rejects_out_of_range_rows():
     with pytest.raises(RuntimeError, match="out of the cache's range"):
         kernels._load("attention").decode_attention(torch.zeros(1, 2, 8), k, v, torch.tensor([2]),
                                                     torch.tensor([1]), 1.0)
+
+
+@needs_kernels
+def test_write_kv_fp16_matches_torch_indexed_write():
+    from kuaida.model.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    ours, theirs = (KVCache(2, 3, 3, 48, 64, torch.float16) for _ in range(2))
+    pos = torch.tensor([[2, 3, 4, 17, 18, 40]])  # gaps: a prompt around passages written from a cache
+    k = torch.randn(1, 6, 3, 64).transpose(1, 2)  # [1, Hkv, T, D], not contiguous: as the model makes it
+    v = torch.randn(1, 3, 6, 64)
+    for layer in range(2):
+        ours.write(layer, pos, k, v, slice(1, 2))
+        theirs.k[layer][torch.tensor([[1]]), :, pos] = k.transpose(1, 2).half()
+        theirs.v[layer][torch.tensor([[1]]), :, pos] = v.transpose(1, 2).half()
+    for a, b in zip(ours.k + ours.v, theirs.k + theirs.v):
+        assert torch.equal(a, b)
+    assert ours.k[0][[0, 2]].abs().sum() == 0  # other rows untouched
+    with pytest.raises(RuntimeError, match="out of the cache's range"):
+        kernels.write_kv_fp16(ours.k[0], ours.v[0], 1, torch.tensor([2, 48]), k[0, :, :2], v[0, :, :2])
+
+
+@needs_kernels
+def test_place_passage_matches_the_torch_rotation():
+    torch.manual_seed(0)
+    L, H, T, D, S, row, start = 3, 3, 13, 64, 64, 1, 20
+    k, v = torch.randn(L, H, T, D).half(), torch.randn(L, H, T, D).half()
+    angle = torch.rand(D // 2) * 6
+    c, s = angle.cos(), angle.sin()
+    kcs = [torch.zeros(2, H, S, D, dtype=torch.float16) for _ in range(L)]
+    vcs = [torch.zeros(2, H, S, D, dtype=torch.float16) for _ in range(L)]
+    assert kernels.place_passage(kcs, vcs, row, start, k, v, c, s)
+    x1, x2 = k.float()[..., :D // 2], k.float()[..., D // 2:]
+    want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).half()
+    for layer in range(L):
+        got = kcs[layer][row, :, start:start + T]
+        assert (got.float() - want[layer].float()).abs().max() <= 1e-3 * want.float().abs().max()
+        assert torch.equal(vcs[layer][row, :, start:start + T], v[layer])
+        assert kcs[layer][row, :, :start].abs().sum() == 0 and kcs[layer][0].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="out of the cache's range"):
+        kernels.place_passage(kcs, vcs, row, S - 5, k, v, c, s)

@@ -176,3 +176,35 @@ def test_scheduler_uses_the_passage_cache_like_the_engine(tiny_llama_dir):
     finally:
         sched.stop()
     assert got == want and sched.passages.stats.misses == 1
+
+
+def test_fp16_cache_kernel_writes_match_the_torch_writes(monkeypatch):
+    """An fp16 KV cache (the engine's default) takes the C++ writes (kernels.place_passage for passages,
+    kernels.write_kv_fp16 for the gapped tokens around them): the same logits as the torch writes."""
+    from kuaida import kernels
+
+    if not kernels.available():
+        pytest.skip("C++ kernels unavailable")
+    model = tiny_transformer(std=0.2)
+    model.kv_dtype = torch.float16
+    prefix, p1, p2, suffix = [10, 11, 12, 13, 14], [40, 41, 42, 43], [50, 51, 52], [60, 61, 62]
+    prompt = prefix + ANCHOR + p1 + p2 + suffix
+    spans = [(8, 12), (12, 15)]
+    calls = []
+    for name in ("place_passage", "write_kv_fp16"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+
+    def run():
+        cache = model.new_cache(max_seq=64)
+        logits = prefill_prompt(model, cache, prompt, 0, 0, spans, PassageCache(model, ANCHOR))[0]
+        return logits, cache
+
+    got, got_cache = run()
+    assert {"place_passage", "write_kv_fp16"} <= set(calls)
+    monkeypatch.setattr(kernels, "place_passage", lambda *a: False)
+    monkeypatch.setattr(kernels, "write_kv_fp16", lambda *a: False)
+    want, want_cache = run()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=2e-3)

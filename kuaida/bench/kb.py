@@ -337,7 +337,8 @@ def first_token(bot, messages: list[dict], warm: list[dict] | None, prepare=None
     return time.perf_counter() - t0, bot.last_stats.prompt_tokens, bot.last_stats.cached_tokens
 
 
-SCENARIOS = ("warm, passages seen before", "warm, new passages", "warm, full attention", "cold")
+SCENARIOS = ("warm, passages seen before", "warm, new passages", "warm, full attention", "cold",
+             "same history, passages seen before")
 
 
 def ttft_one(bot, kb, turns: Sequence[Question], k: int) -> tuple[dict[str, dict[str, float]], int]:
@@ -348,7 +349,11 @@ def ttft_one(bot, kb, turns: Sequence[Question], k: int) -> tuple[dict[str, dict
     staying there, passages shown before not repeated. Scenarios: warm = the KV cache holds turn 2's
     prompt; "passages seen before" = the passage cache holds turn 3's passages (encoded for an earlier
     request: another user's, or at start-up); "new passages" = it does not; "full attention" = no passage
-    cache, passages prefilled in place; cold = nothing cached."""
+    cache, passages prefilled in place; cold = nothing cached. "same history": the plain turn has the
+    grounded one's history (turns 1 and 2 with their passages, the KV cache holding turn 2's grounded
+    prompt) and is asked without retrieval, so the ratio is what retrieving and placing this turn's
+    passages costs, not the longer history they left behind."""
+    from kuaida.dialogue.grounding import grounded_messages
     from kuaida.dialogue.retrieval import ground
 
     msgs, before = history(turns), history(turns[:2])
@@ -357,8 +362,8 @@ def ttft_one(bot, kb, turns: Sequence[Question], k: int) -> tuple[dict[str, dict
     g3 = ground(kb, msgs, k, {0: g1.texts, 2: g2.texts})
     out = {}
 
-    def row(name: str, warm_plain, warm_grounded, prepare=None, repeat: int = 1) -> None:
-        plain_s, plain_tokens, plain_cached = first_token(bot, msgs, warm_plain)
+    def row(name: str, warm_plain, warm_grounded, prepare=None, repeat: int = 1, plain=msgs) -> None:
+        plain_s, plain_tokens, plain_cached = first_token(bot, plain, warm_plain)
         for _ in range(repeat):
             ground_s, ground_tokens, ground_cached = first_token(bot, g3.messages, warm_grounded, prepare)
         out[name] = {"plain_s": plain_s, "grounded_s": ground_s + g3.seconds, "retrieval_s": g3.seconds,
@@ -372,6 +377,8 @@ def ttft_one(bot, kb, turns: Sequence[Question], k: int) -> tuple[dict[str, dict
     row(SCENARIOS[2], before, g2.messages)
     bot.use_passage_cache(PASSAGE_CACHE_MB)
     row(SCENARIOS[3], None, None, prepare=bot.engine.passages.clear)
+    row(SCENARIOS[4], g2.messages, g2.messages, repeat=2,
+        plain=grounded_messages(msgs, {0: g1.texts, 2: g2.texts}))
     return out, len(g3.texts)
 
 
@@ -551,6 +558,9 @@ def model_section(m: dict[str, Any], settings: dict[str, Any]) -> list[str]:
              f"message, those shown before are not repeated: median {m['ttft_new_passages']:g} new passages "
              "at turn 3). warm = the KV cache holds turn 2's prompt; passages seen before = the passage cache "
              "holds turn 3's passages (encoded for an earlier request); new passages = it does not; full "
-             "attention = no passage cache, passages prefilled in place; cold = nothing cached. Other "
+             "attention = no passage cache, passages prefilled in place; cold = nothing cached; "
+             "same history = the plain turn keeps turns 1-2's passages in its history (the same prompt as the grounded turn "
+             "but for turn 3's passages, its KV cache warm) and is asked without retrieval: the cost of "
+             "retrieving and placing this turn's passages alone. Other "
              f"processes' CPU meanwhile: {m['other_cpu_cores']} cores."), "",
             "Grounded replies that missed the fact (examples):", "", *failures(a["replies"]), ""]

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kuaida import kernels
+
 
 @dataclass
 class PassageCacheStats:
@@ -143,6 +145,10 @@ class PassageCache:
         # its freshly computed fp32 result to fp16 alone took ~2.5 ms), this ~0.3 ms.
         h = k.shape[-1] // 2
         c, s = cos.reshape(-1)[:h], sin.reshape(-1)[:h]
+        # The same arithmetic in one C++ loop, straight into the cache: ~0.1 ms instead of ~1 ms (60 slice
+        # copies and fp32 temporaries) per passage.
+        if kernels.place_passage(cache.k, cache.v, row, start, k, v, c, s):
+            return
         k32 = k.float()
         x1, x2 = k32[..., :h], k32[..., h:]
         k_moved = torch.empty(k.shape, dtype=cache.k[0].dtype)  # [L, Hkv, T, D]

@@ -226,3 +226,29 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: in
     mask = torch.arange(span) <= positions[:, None]  # [T, span]
     k, v = (c[row:row + 1, :, :span].to(q.dtype) for c in (k, v))
     return F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, enable_gqa=True)[0]
+
+
+def write_kv_fp16(kc: torch.Tensor, vc: torch.Tensor, row: int, positions: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> bool:
+    """k, v [Hkv, T, D] fp32 into row `row` of an fp16 cache kc, vc [R, Hkv, S, D] at `positions` [T] (gaps
+    allowed) in one C++ loop; -> False (nothing written) where the kernels are not in use or the layouts
+    do not fit, and the caller writes with torch."""
+    ext = _load("attention")
+    if (ext is None or kc.dtype != torch.float16 or not kc.is_contiguous() or k.dtype != torch.float32
+            or v.dtype != torch.float32 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.shape[-1] % 8):
+        return False
+    ext.write_kv_fp16(kc, vc, row, positions.contiguous(), k, v)
+    return True
+
+
+def place_passage(kcs: list[torch.Tensor], vcs: list[torch.Tensor], row: int, start: int, k: torch.Tensor,
+                  v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """A passage's k, v ([L, Hkv, T, D] fp16) into row `row` of every layer's fp16 cache from `start`, each
+    key rotated by cos, sin ([D/2] fp32, the position shift's); -> False (nothing written) where the
+    kernels are not in use or the layouts do not fit (see kuaida.engine.passages for the torch path)."""
+    ext = _load("attention")
+    if (ext is None or k.dtype != torch.float16 or v.dtype != torch.float16 or kcs[0].dtype != torch.float16
+            or not (k.is_contiguous() and v.is_contiguous()) or k.shape[-1] % 16):
+        return False
+    ext.place_passage(kcs, vcs, row, start, k, v, cos.float().contiguous(), sin.float().contiguous())
+    return True

@@ -596,10 +596,102 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 }
 
 
+// ---- Cache writes of one sequence, AVX2 + F16C ------------------------------------------------------------
+// Why: a prompt around passages written from a passage cache has gaps in its positions, and torch's indexed
+// write (index_put of a converted, transposed copy) cost ~75 us per layer for ~45 tokens; a passage moved
+// into a row cost ~1 ms (rotation in fp32 temporaries, then 60 slice copies). Both are plain loops here.
+
+namespace {
+
+inline void fp32_to_fp16_row(const float* src, uint16_t* dst, int64_t D) {  // D % 8 == 0
+  for (int64_t d = 0; d < D; d += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+}
+
+}  // namespace
+
+// k, v [Hkv, T, D] fp32 (any strides, d contiguous) -> cache row `row` of kc, vc [R, Hkv, S, D] fp16 at
+// positions pos [T] (int64, each in [0, S)); rounding to nearest even, as torch's .to(float16).
+void write_kv_fp16(at::Tensor kc, at::Tensor vc, int64_t row, const at::Tensor& positions, const at::Tensor& k,
+                   const at::Tensor& v) {
+  TORCH_CHECK(kc.dim() == 4 && kc.scalar_type() == at::kHalf && kc.is_contiguous() && vc.is_contiguous() &&
+              vc.sizes() == kc.sizes() && vc.scalar_type() == at::kHalf, "kc, vc: contiguous fp16 [R, Hkv, S, D]");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes() && k.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat && k.stride(2) == 1 && v.stride(2) == 1, "k, v: fp32 [Hkv, T, D], d contiguous");
+  const int64_t Hkv = kc.size(1), S = kc.size(2), D = kc.size(3), T = k.size(1);
+  TORCH_CHECK(k.size(0) == Hkv && k.size(2) == D && D % 8 == 0, "k, v must match the cache's heads and head_dim");
+  TORCH_CHECK(row >= 0 && row < kc.size(0), "row out of the cache's range");
+  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+              positions.numel() == T, "positions: int64 [T]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "positions out of the cache's range");
+  uint16_t* kd = reinterpret_cast<uint16_t*>(kc.data_ptr()) + row * Hkv * S * D;
+  uint16_t* vd = reinterpret_cast<uint16_t*>(vc.data_ptr()) + row * Hkv * S * D;
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  for (int64_t h = 0; h < Hkv; ++h) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t dst = (h * S + pos[t]) * D;
+      fp32_to_fp16_row(kp + h * k.stride(0) + t * k.stride(1), kd + dst, D);
+      fp32_to_fp16_row(vp + h * v.stride(0) + t * v.stride(1), vd + dst, D);
+    }
+  }
+}
+
+// A passage's keys and values, encoded at other positions, into cache row `row` from position `start`:
+// k, v [L, Hkv, T, D] fp16 contiguous; kcs[l], vcs[l] the cache's [R, Hkv, S, D] fp16 of layer l. Each key
+// is rotated by the position shift (RoPE: R(p + d) k = R(d) R(p) k) with cos, sin [D / 2] fp32:
+//   out[:h] = x1 * c - x2 * s,  out[h:] = x2 * c + x1 * s  (x1, x2 the halves), in fp32, rounded to fp16.
+void place_passage(const std::vector<at::Tensor>& kcs, const std::vector<at::Tensor>& vcs, int64_t row,
+                   int64_t start, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                   const at::Tensor& sin) {
+  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kHalf && k.is_contiguous() && v.is_contiguous() &&
+              v.sizes() == k.sizes() && v.scalar_type() == at::kHalf, "k, v: contiguous fp16 [L, Hkv, T, D]");
+  const int64_t L = k.size(0), Hkv = k.size(1), T = k.size(2), D = k.size(3), half = D / 2;
+  TORCH_CHECK(D % 16 == 0, "head_dim must be a multiple of 16");
+  TORCH_CHECK(static_cast<int64_t>(kcs.size()) == L && static_cast<int64_t>(vcs.size()) == L, "one cache tensor per layer");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == half && sin.numel() == half, "cos, sin: fp32 [D / 2]");
+  for (int64_t l = 0; l < L; ++l) {
+    const auto& kc = kcs[l];
+    const auto& vc = vcs[l];
+    TORCH_CHECK(kc.dim() == 4 && kc.scalar_type() == at::kHalf && kc.is_contiguous() && vc.is_contiguous() &&
+                vc.sizes() == kc.sizes() && vc.scalar_type() == at::kHalf && kc.size(1) == Hkv && kc.size(3) == D,
+                "cache layers: contiguous fp16 [R, Hkv, S, D] matching the passage");
+    TORCH_CHECK(row >= 0 && row < kc.size(0) && start >= 0 && start + T <= kc.size(2), "row or span out of the cache's range");
+  }
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  const uint16_t* ks = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const uint16_t* vs = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  at::parallel_for(0, L * Hkv, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t l = i / Hkv, h = i % Hkv, S = kcs[l].size(2);
+      uint16_t* kd = reinterpret_cast<uint16_t*>(kcs[l].data_ptr()) + ((row * Hkv + h) * S + start) * D;
+      uint16_t* vd = reinterpret_cast<uint16_t*>(vcs[l].data_ptr()) + ((row * Hkv + h) * S + start) * D;
+      const uint16_t* kr = ks + i * T * D;
+      std::copy(vs + i * T * D, vs + (i + 1) * T * D, vd);  // values do not depend on position
+      for (int64_t t = 0; t < T; ++t, kr += D, kd += D) {
+        for (int64_t d = 0; d < half; d += 8) {
+          const __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kr + d)));
+          const __m256 x2 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kr + half + d)));
+          const __m256 cc = _mm256_loadu_ps(c + d), ss = _mm256_loadu_ps(s + d);
+          const __m256 lo = _mm256_sub_ps(_mm256_mul_ps(x1, cc), _mm256_mul_ps(x2, ss));
+          const __m256 hi = _mm256_add_ps(_mm256_mul_ps(x2, cc), _mm256_mul_ps(x1, ss));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(kd + d), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(kd + half + d), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("decode_attention", &decode_attention, "one query per sequence over its cached keys/values (GQA)");
   mod.def("prefill_attention", &prefill_attention, "T queries of one sequence over its fp16 cache (AVX-512 BF16)");
   mod.def("int8_linear_bf16", &int8_linear_bf16,
           "int8 weights x many fp32 rows via bf16 dot products (AVX-512 BF16)");
   mod.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether the CPU can run prefill_attention");
+  mod.def("write_kv_fp16", &write_kv_fp16, "one sequence's keys/values into an fp16 cache row at given positions");
+  mod.def("place_passage", &place_passage, "a passage's keys (rotated by a position shift) and values into a cache row");
 }

@@ -44,6 +44,8 @@ class KVCache:
                 vc[rows, :, start:start + t] = v
                 return
             # Increasing positions with gaps (a prompt around passages written from a passage cache).
+            if kernels.write_kv_fp16(kc, vc, range(kc.shape[0])[rows][0], positions[0], k[0], v[0]):
+                return
         row_idx = torch.arange(kc.shape[0])[rows] if isinstance(rows, slice) else rows
         # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
         kc[row_idx[:, None], :, positions] = k.transpose(1, 2).to(kc.dtype)
