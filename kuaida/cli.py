@@ -320,6 +320,9 @@ def distill_cmd(
                                 "the KL to the teacher (1 = plain fine-tuning, 0 = pure distillation)."),
     kind: str = typer.Option("forward", help="forward: KL(teacher || student), covers every teacher mode; "
                              "reverse: KL(student || teacher), concentrates on the teacher's likeliest ones."),
+    ce_first: float = typer.Option(0.0, help="Share of the training (time or steps) spent on cross-entropy "
+                                   "alone before distilling (the teacher is not run then): a freshly pruned "
+                                   "student recovers fastest on raw tokens."),
     sequence_level: bool = typer.Option(False, "--sequence-level", help="Train on the teacher's own (greedy) "
                                         "replies instead of the data's (generated once, cached in a JSONL)."),
     reply_conversations: int = typer.Option(512, help="Conversations the teacher re-generates with "
@@ -344,7 +347,7 @@ def distill_cmd(
 
     budget_s = parse_duration(budget) if budget else (None if steps else 600.0)
     cfg = DistillConfig(temperature=temperature, alpha=alpha, kind=kind, sequence_level=sequence_level,
-                        replies=ReplyConfig(conversations=reply_conversations),
+                        ce_first=ce_first, replies=ReplyConfig(conversations=reply_conversations),
                         data=DataConfig(source=data, max_len=max_len),
                         train=TrainConfig(lr=lr, batch_size=batch_size, micro_batch=micro_batch, steps=steps,
                                           budget_s=budget_s, resume=resume, parallel=parallel))

@@ -89,6 +89,27 @@ def test_plain_fine_tuning_does_not_run_the_teacher(teacher, examples):
     assert "kd" not in metrics and loss.item() == pytest.approx(metrics["ce"])
 
 
+def test_ce_first_runs_the_teacher_only_after_its_share_of_the_steps(teacher, examples):
+    calls = []
+
+    class Counting(torch.nn.Module):  # the teacher, counting its forward passes
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.inner(*args, **kwargs)
+
+    batch = next(batches(examples, 4))
+    loss_fn = distill_loss_fn(Counting(teacher.model), DistillLoss(0.5, 2.0), ce_first=0.5)
+    result = train(layer_student(teacher.model, 1), loss_fn, fixed(batch), steps_cfg(6), progress=False)
+    assert len(calls) == 3  # steps 0-2 are CE alone (progress 0, 1/6, 2/6 < 0.5), steps 3-5 distill
+    assert "kd" in result.metrics  # the last step's metrics
+    with pytest.raises(InvalidArgumentError, match="ce_first"):
+        DistillConfig(ce_first=1.0)
+
+
 def test_pruned_vocabulary_student_learns_on_its_kept_ids(teacher, examples):
     batch = next(batches(examples, 2))
     present = sorted(set(batch.input_ids.flatten().tolist()))
@@ -235,6 +256,9 @@ def test_cli_distill_refuses_bad_options(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(app, ["distill", str(tiny_llama_dir), "layers:1", str(tmp_path / "o"),
                                       "--steps", "1", "--kind", "sideways"])
     assert result.exit_code == 2 and "sideways" in result.output
+    result = CliRunner().invoke(app, ["distill", str(tiny_llama_dir), "layers:1", str(tmp_path / "o"),
+                                      "--steps", "1", "--ce-first", "1.5"])
+    assert result.exit_code == 2 and "ce_first" in result.output
 
 
 def test_teacher_projection_matches_the_full_forward_where_the_loss_reads(teacher, examples):

@@ -39,8 +39,11 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=60, help="teacher correction (CE on the data)")
     ap.add_argument("--eval-samples", type=int, default=60)
     ap.add_argument("--ratio", type=float, default=0.6, help="distillation's steps per CE step")
-    ap.add_argument("--arms", choices=["all", "recipe"], default="all",
-                    help="recipe: only CE and the recipe's loss (T = 2, alpha = 0.5)")
+    ap.add_argument("--arms", choices=["all", "recipe", "ce-first"], default="all",
+                    help="recipe: only CE and the recipe's loss (T = 2, alpha = 0.5); ce-first: the recipe's "
+                         "loss after CE alone for each share in --ce-first of the time (no CE arm)")
+    ap.add_argument("--ce-first", default="0.3,0.5",
+                    help="shares of the time for CE alone before distilling (with --arms ce-first)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -67,6 +70,14 @@ def main() -> None:
             ("KD T=1 alpha=0", short, {"alpha": 0.0, "temperature": 1.0})]
     if args.arms == "recipe":
         arms = [arms[0], arms[2]]
+    if args.arms == "ce-first":
+        # Equal time: a share f of CE's time trains f N CE steps, the rest (1 - f) N ratio distillation
+        # steps; the switch falls at the same share of the (shorter) step count.
+        arms = []
+        for f in (float(x) for x in args.ce_first.split(",")):
+            ce, kd = round(f * args.steps), round((1 - f) * args.steps * args.ratio)
+            arms.append((f"CE {ce} steps then KD T=2 alpha=0.5", ce + kd,
+                         {"alpha": 0.5, "temperature": 2.0, "ce_first": ce / (ce + kd)}))
     for name, steps, loss in arms:
         t0 = time.perf_counter()
         student, report = distill(corrected, copy.deepcopy(pruned), tok, for_steps(steps, **loss), progress=False)

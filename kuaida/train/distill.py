@@ -56,11 +56,18 @@ class DistillConfig:
     replies: ReplyConfig = field(default_factory=ReplyConfig)  # how the teacher generates them
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(budget_s=600.0))
+    # The first ce_first of the training (of its time budget, or of its steps) is plain cross-entropy on
+    # the data, the teacher not run; the rest is the loss above. Why: a freshly pruned student first
+    # recovers fastest on raw tokens (a CE step costs ~0.65x a distillation step, which also runs the
+    # teacher), and the teacher's soft targets pay off once it has (benchmarks/results/kd-vs-ce-*.md).
+    ce_first: float = 0.0
     eval_samples: int | None = 200  # held-out conversations scored before and after (None: all)
     evaluate: bool = True  # score before and after (a pipeline with its own evaluation step skips it)
 
     def __post_init__(self) -> None:
         DistillLoss(self.alpha, self.temperature, self.kind)  # validates the three
+        if not 0.0 <= self.ce_first < 1.0:
+            raise InvalidArgumentError(f"ce_first must be in [0, 1) (a share of the training), got {self.ce_first}")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise InvalidArgumentError(f"eval_samples must be >= 1 (or None for all), got {self.eval_samples}")
         if self.sequence_level and self.alpha == 0.0:
@@ -110,12 +117,22 @@ class TeacherProjection:
         return out
 
 
-def distill_loss_fn(teacher: nn.Module, loss: DistillLoss) -> LossFn:
+class DistillObjective:
     """A loop.LossFn: the student's and the teacher's logits on the batch -> (loss, counted tokens,
-    {"ce", "kd", "pruned_targets"?})."""
-    project = TeacherProjection(teacher)
+    {"ce", "kd", "pruned_targets"?}). Before `ce_first` of the training (the loop calls set_progress
+    before each step) the loss is cross-entropy alone and the teacher is not run."""
 
-    def loss_fn(student: nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, float]]:
+    def __init__(self, teacher: nn.Module, loss: DistillLoss, ce_first: float = 0.0) -> None:
+        self.project = TeacherProjection(teacher)
+        self.loss, self.ce_first = loss, ce_first
+        self.ce_only = DistillLoss(1.0, kind=loss.kind)  # alpha = 1: the teacher is not run
+        self.current = self.ce_only if ce_first > 0 else loss
+
+    def set_progress(self, done: float) -> None:
+        self.current = self.ce_only if done < self.ce_first else self.loss
+
+    def __call__(self, student: nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, float]]:
+        loss = self.current
         args = getattr(D.unwrap(student), "args", None)
         output_ids = getattr(args, "output_ids", None)
         targets = next_token_targets(batch.labels)  # [B, T]: the token each position predicts
@@ -123,7 +140,7 @@ def distill_loss_fn(teacher: nn.Module, loss: DistillLoss) -> LossFn:
         teacher_logits = None
         if loss.needs_teacher:
             kept = None if output_ids is None else D.unwrap(student).output_ids
-            teacher_logits = project(batch.input_ids, targets != IGNORE, kept)  # [B, T, V or kept]
+            teacher_logits = self.project(batch.input_ids, targets != IGNORE, kept)  # [B, T, V or kept]
         if output_ids is not None:
             logits = student(batch.input_ids, full_vocab=False)
             targets, dropped = kept_labels(targets, output_ids, args.vocab_size)
@@ -135,7 +152,11 @@ def distill_loss_fn(teacher: nn.Module, loss: DistillLoss) -> LossFn:
         if kd is not None:
             metrics["kd"] = float(kd.detach())
         return loss.combine(ce, kd), int((targets != IGNORE).sum()), metrics
-    return loss_fn
+
+
+def distill_loss_fn(teacher: nn.Module, loss: DistillLoss, ce_first: float = 0.0) -> LossFn:
+    """The distillation loss for kuaida.train.loop.train (see DistillObjective)."""
+    return DistillObjective(teacher, loss, ce_first)
 
 
 def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
@@ -191,7 +212,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer: Any, cfg: Distill
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = batches(train_set, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank, world=info.world,
                    pad_id=pad_id)
-    result = train(student, distill_loss_fn(teacher, cfg.loss()), data, cfg.train, progress=progress)
+    result = train(student, distill_loss_fn(teacher, cfg.loss(), cfg.ce_first), data, cfg.train,
+                   progress=progress)
     trained = result.model
     after = evaluate(trained, teacher, held) if scoring else None
     report = {

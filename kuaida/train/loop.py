@@ -99,6 +99,16 @@ class TrainConfig:
         on = self.amp == "bf16" or (self.amp == "auto" and native)
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
+    def progress(self, step: int, elapsed: float) -> float:
+        """The share of the training done before optimizer step `step` (0-based), after `elapsed` seconds:
+        of the steps or of the time budget, whichever is further along; in [0, 1]."""
+        done = 0.0
+        if self.steps is not None:
+            done = step / self.steps
+        if self.budget_s is not None:
+            done = max(done, elapsed / self.budget_s)
+        return min(1.0, done)
+
     def lr_at(self, step: int, elapsed: float) -> float:
         """Learning rate for optimizer step `step` (0-based) after `elapsed` seconds of training."""
         if step < self.warmup_steps:
@@ -212,6 +222,8 @@ class _Run:
                 lr = cfg.lr_at(st.step, st.elapsed)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                if hasattr(loss_fn, "set_progress"):  # a loss that changes over the run (distill's ce_first)
+                    loss_fn.set_progress(cfg.progress(st.step, st.elapsed))
                 loss, tokens, loss_tokens, metrics = self.step(loss_fn, next(batches_iter))
                 st.step += 1
                 st.tokens, st.loss_tokens = st.tokens + tokens, st.loss_tokens + loss_tokens
