@@ -67,7 +67,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         DistillLoss(self.alpha, self.temperature, self.kind)  # validates the three
         if not 0.0 <= self.ce_first < 1.0:
-            raise InvalidArgumentError(f"ce_first must be in [0, 1) (a share of the training), got {self.ce_first}")
+            raise InvalidArgumentError(f"ce_first must be in [0, 1) (a share of the training), "
+                                       f"got {self.ce_first}")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise InvalidArgumentError(f"eval_samples must be >= 1 (or None for all), got {self.eval_samples}")
         if self.sequence_level and self.alpha == 0.0:
