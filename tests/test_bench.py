@@ -9,7 +9,8 @@ from kuaida.bench.latency import (COLUMNS, REFERENCE, add_speedups, greedy_prefi
                                   parse_variants, result_row, teacher_forced_agreement)
 from kuaida.bench.peers import TokenClock, decode_rate
 from kuaida.bench.prompts import dialogue_prompts, window_to_messages
-from kuaida.bench.report import Column, cell, make_report, markdown, rich_table, write_json, write_markdown
+from kuaida.bench.report import (Column, cell, cpu_model, make_report, markdown, rich_table, write_json,
+                                 write_markdown)
 from kuaida.errors import InvalidArgumentError
 
 
@@ -232,3 +233,15 @@ def test_latency_end_to_end_on_a_tiny_model(tiny_gguf_for_bench):
         assert rows["llamacpp"]["skipped"] == llamacpp_missing()
     else:  # the GGUF is F32 too: same ids in, same argmax out (up to rare near-ties)
         assert rows["llamacpp"]["agreement"]["teacher_forced"] >= 0.75
+
+
+def test_cpu_model_names_the_microarchitecture(tmp_path):
+    """Two machines that both call themselves "AMD EPYC" must be told apart in a result file."""
+    info = tmp_path / "cpuinfo"
+    block = ("processor\t: {n}\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n"
+             "cpu MHz\t\t: 2596.138\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n\n")
+    info.write_text(block.format(n=0) + block.format(n=1).replace("25", "26"))
+    assert cpu_model(info) == "AMD EPYC (family 25, model 17, 2596 MHz, AVX-512 + BF16 + VNNI)"
+    info.write_text("model name\t: Some CPU\nflags\t\t: fpu avx2\n")
+    assert cpu_model(info) == "Some CPU (AVX2)"
+    assert cpu_model(tmp_path / "missing")  # no cpuinfo: platform's answer, not a crash

@@ -34,13 +34,13 @@ def fixed(digits: int) -> Callable[[float], str]:
     return lambda value: f"{value:.{digits}f}"
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's name, with its family/model numbers, clock and vector extensions where /proc/cpuinfo tells:
     the machines this project is measured on all call themselves "AMD EPYC", yet a Zen 4 and a Zen 5 differ
     by ~2x in some kernels, so result files must say which one they came from."""
     try:
         fields: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             if not line.strip():
                 break  # the first processor's block is enough
             key, _, value = line.partition(":")
