@@ -45,7 +45,12 @@ SAMPLE = "homehub"
 QUESTIONS_FILE = "questions.jsonl"
 RECALL_AT = (1, 3, 5)
 MODES = ("hybrid", "keyword", "vector")
-TARGETS = {"ingest_chunks_s": 50.0, "scale_p95_ms": 20.0, "answer_gain": 2.0, "ttft_ratio": 1.3}
+TARGETS = {"ingest_chunks_s": 50.0, "scale_p95_ms": 20.0, "answer_gain": 2.0, "ttft_ratio": 1.3,
+           "recall_at_5": 0.9}
+# The issue's TTFT target compares grounded and plain turns "at the same history length": the scenario whose
+# plain turn keeps the earlier turns' passages. The other scenarios' ratios are reported beside it (their
+# plain turn has a shorter history, or the passages are new or not cached at all).
+TTFT_TARGET_SCENARIO = "same history, passages seen before"
 
 COLUMNS = [Column("search mode", "variant"),
            *(Column(f"doc@{n}", f"recall_doc.@{n}", percent) for n in RECALL_AT),
@@ -338,7 +343,7 @@ def first_token(bot, messages: list[dict], warm: list[dict] | None, prepare=None
 
 
 SCENARIOS = ("warm, passages seen before", "warm, new passages", "warm, full attention", "cold",
-             "same history, passages seen before")
+             TTFT_TARGET_SCENARIO)
 
 
 def ttft_one(bot, kb, turns: Sequence[Question], k: int) -> tuple[dict[str, dict[str, float]], int]:
@@ -424,7 +429,8 @@ def track(items: Sequence, description: str, show: bool) -> Iterator:
         yield from bar.track(items, description=description)
 
 
-def check_targets(ingest: dict, scale: dict | None, models: list[dict]) -> dict[str, dict[str, Any]]:
+def check_targets(ingest: dict, scale: dict | None, models: list[dict],
+                  retrieval: Sequence[dict] = ()) -> dict[str, dict[str, Any]]:
     """Each target: its value, the target, met (None when not measured)."""
     def target(value: Any, goal: str, met: bool) -> dict[str, Any]:
         return {"value": value, "target": goal, "met": None if value is None else met}
@@ -435,6 +441,12 @@ def check_targets(ingest: dict, scale: dict | None, models: list[dict]) -> dict[
            target(rate, f">= {TARGETS['ingest_chunks_s']:.0f}", rate >= TARGETS["ingest_chunks_s"]),
            "hybrid search p95 ms at scale": target(p95, f"<= {TARGETS['scale_p95_ms']:.0f}",
                                                    p95 is not None and p95 <= TARGETS["scale_p95_ms"])}
+    for row in retrieval:
+        if row["variant"] == "hybrid":
+            fact, doc = row["recall_fact"]["@5"], row["recall_doc"]["@5"]
+            out["recall@5 (hybrid), by fact / by source document"] = target(
+                f"{fact:.3f} / {doc:.3f}", f">= {TARGETS['recall_at_5']}",
+                min(fact, doc) >= TARGETS["recall_at_5"])
     for m in models:
         a = m["answers"]
         out[f"{m['model']}: replies with the fact, with / without the base"] = target(
@@ -448,8 +460,11 @@ def check_targets(ingest: dict, scale: dict | None, models: list[dict]) -> dict[
             out[f"{m['model']}: prompt lookup, decode tok/s on / off"] = target(
                 lk["speedup"], "reported (> 1)", bool(lk["speedup"] and lk["speedup"] > 1))
         for row in m["ttft"]:
-            out[f"{m['model']}: TTFT grounded / plain ({row['scenario']})"] = target(
-                row["ratio"], f"<= {TARGETS['ttft_ratio']}x", row["ratio"] <= TARGETS["ttft_ratio"])
+            if row["scenario"] == TTFT_TARGET_SCENARIO:
+                goal, met = f"<= {TARGETS['ttft_ratio']}x", row["ratio"] <= TARGETS["ttft_ratio"]
+            else:
+                goal, met = "reported", True
+            out[f"{m['model']}: TTFT grounded / plain ({row['scenario']})"] = target(row["ratio"], goal, met)
     return out
 
 
@@ -480,7 +495,7 @@ def run_kb(config: KbBenchConfig | None = None, folder: Path | None = None, embe
     settings = {**asdict(config), "models": list(config.models), "documents": folder.name,
                 "questions_used": len(questions), "embedder": getattr(kb.embedder, "name", "?")}
     out = make_report("kb", ", ".join(config.models), settings, rows, THREADS, command)
-    out.update(ingest=ingest, scale=scale, models=models, targets=check_targets(ingest, scale, models))
+    out.update(ingest=ingest, scale=scale, models=models, targets=check_targets(ingest, scale, models, rows))
     return out
 
 
