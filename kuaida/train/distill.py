@@ -57,9 +57,11 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(budget_s=600.0))
     # The first ce_first of the training (of its time budget, or of its steps) is plain cross-entropy on
-    # the data, the teacher not run; the rest is the loss above. Why: a freshly pruned student first
+    # the data, the teacher not run; the rest is the loss above. The idea: a freshly pruned student
     # recovers fastest on raw tokens (a CE step costs ~0.65x a distillation step, which also runs the
-    # teacher), and the teacher's soft targets pay off once it has (benchmarks/results/kd-vs-ce-*.md).
+    # teacher), and the teacher's soft targets pay off later. Measured on the default recipe at its
+    # 10-minute budget it did not help (0.3 and 0.5 end where distillation alone does:
+    # benchmarks/results/kd-vs-ce-first.md), so the default stays 0.
     ce_first: float = 0.0
     eval_samples: int | None = 200  # held-out conversations scored before and after (None: all)
     evaluate: bool = True  # score before and after (a pipeline with its own evaluation step skips it)
