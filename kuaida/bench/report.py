@@ -49,8 +49,8 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         fields = {}
     if "model name" not in fields:
         return platform.processor() or platform.machine()  # not Linux: platform's answer is the best we have
-    detail = [f"family {fields[k]}" if k == "cpu family" else f"model {fields[k]}"
-              for k in ("cpu family", "model") if k in fields]
+    detail = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
+              if key in fields]
     if "cpu MHz" in fields:
         detail.append(f"{float(fields['cpu MHz']):.0f} MHz")
     flags = set(fields.get("flags", "").split())

@@ -129,7 +129,7 @@ class DistillObjective:
         self.project = TeacherProjection(teacher)
         self.loss, self.ce_first = loss, ce_first
         self.ce_only = DistillLoss(1.0, kind=loss.kind)  # alpha = 1: the teacher is not run
-        self.current = self.ce_only if ce_first > 0 else loss
+        self.set_progress(0.0)
 
     def set_progress(self, done: float) -> None:
         self.current = self.ce_only if done < self.ce_first else self.loss
