@@ -322,7 +322,8 @@ def distill_cmd(
                              "reverse: KL(student || teacher), concentrates on the teacher's likeliest ones."),
     ce_first: float = typer.Option(0.0, help="Share of the training (time or steps) spent on cross-entropy "
                                    "alone before distilling (the teacher is not run then). Measured on the "
-                                   "default recipe: no gain at 10 minutes (benchmarks/results/kd-vs-ce-first.md)."),
+                                   "default recipe: no gain at 10 minutes "
+                                   "(benchmarks/results/kd-vs-ce-first.md)."),
     sequence_level: bool = typer.Option(False, "--sequence-level", help="Train on the teacher's own (greedy) "
                                         "replies instead of the data's (generated once, cached in a JSONL)."),
     reply_conversations: int = typer.Option(512, help="Conversations the teacher re-generates with "
