@@ -576,7 +576,6 @@ def model_section(m: dict[str, Any], settings: dict[str, Any]) -> list[str]:
              "attention = no passage cache, passages prefilled in place; cold = nothing cached; "
              "same history = the plain turn keeps turns 1-2's passages in its history (the same prompt as "
              "the grounded turn but for turn 3's passages, its KV cache warm) and is asked without retrieval: "
-             "the cost of "
-             "retrieving and placing this turn's passages alone. Other "
+             "the cost of retrieving and placing this turn's passages alone. Other "
              f"processes' CPU meanwhile: {m['other_cpu_cores']} cores."), "",
             "Grounded replies that missed the fact (examples):", "", *failures(a["replies"]), ""]
