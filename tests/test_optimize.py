@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import kuaida.optimize
 from kuaida.errors import InvalidArgumentError
 from kuaida.model import load_model
 from kuaida.optimize import OptimizeConfig, from_dict, optimize
@@ -13,7 +14,8 @@ from kuaida.optimize import OptimizeConfig, from_dict, optimize
 def test_default_recipe_parses_into_the_configs():
     cfg = OptimizeConfig.from_yaml("default")
     assert cfg.teacher == "default" and cfg.prune.n_layers == 14 and cfg.prune.vocab_from == "chitchat"
-    assert cfg.teacher_correction_s == 180
+    assert cfg.teacher_correction_s == 180 and cfg.teacher_correction_lr == 0.0003
+    assert cfg.distill.train.lr == 0.001  # the student's rate (benchmarks/results/kd-vs-ce-lr.md)
     assert cfg.distill.train.budget_s == 600 and cfg.quantize.dtype == "int8"
     assert cfg.distill.alpha == 0.5 and cfg.distill.temperature == 2.0
 
@@ -54,9 +56,19 @@ def vocab_corpus(tmp_path):
     return path
 
 
-def test_default_recipe_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, vocab_corpus):
+def test_default_recipe_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, vocab_corpus, monkeypatch):
     recipe = tiny_default_recipe(str(tiny_llama_dir), vocab_corpus)
+    recipe = dataclasses.replace(recipe, measure=dataclasses.replace(recipe.measure, baseline_lr=2e-4))
+    rates = []  # the learning rate of each CE fine-tuning: teacher correction, then the baseline
+
+    def finetune_baseline(model, tok, dcfg, progress):
+        rates.append(dcfg.train.lr)
+        return real_finetune_baseline(model, tok, dcfg, progress)
+
+    real_finetune_baseline = kuaida.optimize.finetune_baseline
+    monkeypatch.setattr(kuaida.optimize, "finetune_baseline", finetune_baseline)
     report = optimize(recipe, tmp_path / "run", progress=False)
+    assert rates == [recipe.teacher_correction_lr, 2e-4] and recipe.distill.train.lr not in rates
     steps = {r["step"]: r for r in report["steps"]}
     assert list(steps) == ["teacher", "pruned", "teacher, corrected (fine-tuned on the data)",
                            "pruned + fine-tuned (CE only, baseline)", "distilled"]
@@ -83,3 +95,15 @@ def test_default_recipe_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, voc
     assert hf.args.n_layers == q.args.n_layers == 1 and q.quantization["dtype"] == "int8"
     with pytest.raises(InvalidArgumentError, match="not empty"):
         optimize(recipe, out, progress=False)
+
+
+def test_learning_rates_of_the_correction_and_the_baseline():
+    cfg = from_dict(OptimizeConfig, {"teacher_correction_lr": 0.0003, "measure": {"baseline_lr": 0.0003},
+                                     "distill": {"train": {"lr": 0.001, "steps": 10}}}, "recipe")
+    assert cfg.teacher_correction_lr == cfg.measure.baseline_lr == 0.0003 and cfg.distill.train.lr == 0.001
+    assert OptimizeConfig().teacher_correction_lr is None  # None: the distillation's rate
+    for bad in ("3e-4", 0, -1.0, True):  # YAML reads 3e-4 (no dot) as a string
+        with pytest.raises(InvalidArgumentError, match="teacher_correction_lr must be a number"):
+            from_dict(OptimizeConfig, {"teacher_correction_lr": bad}, "recipe")
+        with pytest.raises(InvalidArgumentError, match="measure.baseline_lr must be a number"):
+            from_dict(OptimizeConfig, {"measure": {"baseline_lr": bad}}, "recipe")
