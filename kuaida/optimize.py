@@ -63,7 +63,8 @@ class MeasureConfig:
     # as the distillation: does the teacher's knowledge beat plain fine-tuning? (doubles training time)
     baseline_finetune: bool = False
     # The baseline's peak learning rate (None: the distillation's). Each loss at its own best rate is the fair
-    # comparison: on the default recipe CE does best at 3e-4 and distillation at 1e-3 (kd-vs-ce-lr.md).
+    # comparison: on the default recipe, of 3e-4 / 6e-4 / 1e-3, CE does best at 6e-4 and distillation at 1e-3
+    # (benchmarks/results/kd-vs-ce-lr.md).
     baseline_lr: float | None = None
 
     def __post_init__(self) -> None:
