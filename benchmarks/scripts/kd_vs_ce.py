@@ -7,6 +7,10 @@ with cross-entropy only and with distillation variants, and each is scored on th
 
     python benchmarks/scripts/kd_vs_ce.py --steps 80 > kd-vs-ce.txt     # ~25 min on 2 cores
     python benchmarks/scripts/kd_vs_ce.py --steps 300 --arms recipe      # a longer budget, two arms only
+    python benchmarks/scripts/kd_vs_ce.py --steps 330 --ratio 0.65 --arms kd --lr 1e-3   # one arm, one rate
+
+Without --lr the student trains at the recipe's rate: 1e-3 since 2026-12-07. Results files from before
+(kd-vs-ce-steps, -long, -first) used 3e-4: add --lr 3e-4 to rerun them as they were.
 
 Equal *time* without a clock: distillation runs `--ratio` x CE's steps, the ratio of their tokens/s
 (0.65: 519 against 800 tok/s in benchmarks/results/optimize-kd-t1.md, teacher projection included), so
