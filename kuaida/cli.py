@@ -331,7 +331,9 @@ def distill_cmd(
     data: str = typer.Option("chitchat", help="'chitchat' or a JSONL file of {\"messages\": [...]} (OpenAI format)."),
     batch_size: int = typer.Option(8, help="Sequences per optimizer step, over all processes."),
     micro_batch: int = typer.Option(0, help="Sequences per forward pass and process (0: no accumulation)."),
-    lr: float = typer.Option(2e-4, help="Peak learning rate (warmup, then cosine to a tenth)."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (warmup, then cosine to a tenth). A freshly "
+                             "pruned student recovers faster at 1e-3, the optimize recipe's rate "
+                             "(benchmarks/results/kd-vs-ce-lr.md)."),
     max_len: int = typer.Option(256, help="Tokens per conversation (whole early turns kept)."),
     parallel: str = typer.Option("auto", help="auto, none, ddp, fsdp or hsdp (under torchrun; auto: ddp)."),
     resume: bool = typer.Option(True, help="Continue from OUT_DIR.checkpoints when a run was interrupted."),
