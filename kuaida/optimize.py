@@ -98,6 +98,14 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         check_lr("teacher_correction_lr", self.teacher_correction_lr)
 
+    def correction_lr(self) -> float:
+        """The teacher correction's peak learning rate (the pipeline's and benchmarks/scripts' rule)."""
+        return self.teacher_correction_lr or self.distill.train.lr
+
+    def baseline_lr(self) -> float:
+        """The CE-only baseline's peak learning rate."""
+        return self.measure.baseline_lr or self.distill.train.lr
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> OptimizeConfig:
         """A recipe file, or "default": the shipped kuaida/recipes/default.yaml."""
@@ -239,7 +247,7 @@ def optimize(cfg: OptimizeConfig, out_dir: str | Path, *, overwrite: bool = Fals
         t0 = time.perf_counter()
         correction = dataclasses.replace(cfg.distill, train=dataclasses.replace(
             cfg.distill.train, budget_s=cfg.teacher_correction_s, steps=None,
-            lr=cfg.teacher_correction_lr or cfg.distill.train.lr))
+            lr=cfg.correction_lr()))
         distill_teacher = finetune_baseline(teacher.model, tok, correction, progress)
         record("teacher, corrected (fine-tuned on the data)", distill_teacher, None,
                seconds=round(time.perf_counter() - t0, 1))
@@ -247,7 +255,7 @@ def optimize(cfg: OptimizeConfig, out_dir: str | Path, *, overwrite: bool = Fals
     if cfg.measure.baseline_finetune:
         t0 = time.perf_counter()
         baseline = dataclasses.replace(cfg.distill, train=dataclasses.replace(
-            cfg.distill.train, lr=cfg.measure.baseline_lr or cfg.distill.train.lr))
+            cfg.distill.train, lr=cfg.baseline_lr()))
         tuned = finetune_baseline(pruned, tok, baseline, progress)
         record("pruned + fine-tuned (CE only, baseline)", tuned, None, seconds=round(time.perf_counter() - t0, 1),
                agreement=compare(tuned, teacher.model, held, progress=progress).to_dict())

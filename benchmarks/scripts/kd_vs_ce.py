@@ -71,7 +71,7 @@ def main() -> None:
     def for_steps(steps: int, **loss) -> object:
         train = dataclasses.replace(cfg.distill.train, budget_s=None, steps=steps, checkpoint_dir=None)
         if loss.pop("teacher", False):  # teacher correction at its own rate
-            train = dataclasses.replace(train, lr=cfg.teacher_correction_lr or train.lr)
+            train = dataclasses.replace(train, lr=cfg.correction_lr())
         elif args.lr is not None:
             train = dataclasses.replace(train, lr=args.lr)
         return dataclasses.replace(cfg.distill, evaluate=False, train=train, **loss)
