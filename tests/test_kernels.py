@@ -243,6 +243,24 @@ def test_fused_int8_dispatch_and_switch(monkeypatch):
                            kernels._load("attention").int8_linear_bf16(fewer, q, d, None))
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("bf16_fast", [False, True])
+def test_row_independent_rows_match_single_row_calls(dtype, bf16_fast, monkeypatch):
+    """Inside kernels.row_independent() every row count takes the integer kernel, so each row's output is
+    bitwise the output of that row alone (what the batching scheduler relies on); outside it, 130 rows take
+    a GEMM path (bf16 with native bf16, fp32 otherwise), which rounds each row differently."""
+    monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: bf16_fast)
+    wargs, _, _ = make(dtype, 192, 576)
+    x, bias = inputs(130, 576, 192, True)
+    op = kernels.int8_linear if dtype == "int8" else kernels.int4_linear
+    alone = torch.cat([op(x[i:i + 1], *wargs, bias) for i in range(len(x))])
+    with kernels.row_independent():
+        together = op(x, *wargs, bias)
+    assert torch.equal(together, alone)
+    assert not torch.equal(op(x, *wargs, bias), alone)  # the batch paths are back outside the block
+
+
 def test_build_failure_falls_back(monkeypatch, caplog):
     from torch.utils import cpp_extension
 

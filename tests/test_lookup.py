@@ -87,10 +87,12 @@ def test_lookup_respects_the_budget_and_stays_off_when_sampling(model):
     assert engine.lookup_stats.steps == before  # sampled replies decode one token at a time
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_scheduler_drafts_give_each_request_its_greedy_reply(tiny_llama_dir, dtype):
+@pytest.mark.parametrize("dtype,max_batch,lookup_rows", [("fp32", 3, 8), ("int8", 3, 8), ("int8", 5, 20)])
+def test_scheduler_drafts_give_each_request_its_greedy_reply(tiny_llama_dir, dtype, max_batch, lookup_rows):
     """Concurrent greedy requests with prompt lookup in the batching scheduler (drafts as extra rows of
-    the decode step): each reply is the single-stream greedy reply, drafts were made and some kept."""
+    the decode step): each reply is the single-stream greedy reply, drafts were made and some kept. With
+    20 rows a step the int8 layers would take the many-row paths (bf16 GEMM, fused bf16 kernel), which
+    round differently: the scheduler keeps them on the row-independent integer kernel."""
     from kuaida.engine.scheduler import Scheduler
     from kuaida.model.loader import load_model
 
@@ -108,8 +110,8 @@ def test_scheduler_drafts_give_each_request_its_greedy_reply(tiny_llama_dir, dty
         return "".join(Engine(m, eos, max_context=128).stream(prompt, params, loaded.tokenizer))
 
     want = [plain(p) for p in prompts]
-    sched = Scheduler(m, loaded.tokenizer, eos, max_batch=3, max_context=128, cache_budget_mb=1,
-                      lookup=LookupConfig(draft_tokens=4), lookup_rows=8).start()
+    sched = Scheduler(m, loaded.tokenizer, eos, max_batch=max_batch, max_context=128, cache_budget_mb=1,
+                      lookup=LookupConfig(draft_tokens=4), lookup_rows=lookup_rows).start()
     try:
         streams = [sched.submit(p, params) for p in prompts]
         got = ["".join(s) for s in streams]

@@ -9,8 +9,11 @@ prefills only its new tokens. Idle slots are reused least-recently-used first (a
 With prompt lookup (`lookup=LookupConfig()`), a greedy request whose reply repeats its prompt (a grounded
 answer quoting its passages) gets draft tokens (kuaida.engine.lookup) as extra rows of the same decode
 step: each row is its cache row at the next position, so every draft goes through decode's own kernels
-and the reply is the one greedy decoding gives without drafts (as in Engine.verify). Drafts fill the step
-up to `lookup_rows` rows: a small batch has time to spare, a full one has none.
+and the reply is the one greedy decoding gives without drafts (as in Engine.verify). Decode steps run in
+kernels.row_independent(): quantized layers keep the integer kernel at any row count, so a row's logits
+never depend on the rows beside it. Drafts fill the step up to `lookup_rows` rows, dealt a token per
+request per round: a small batch has time to spare, a full one has none (measured: at 8 streams, extra
+draft rows cost about what they save, each re-reading its row's history in attention).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
+from kuaida import kernels
 from kuaida.engine.generate import common_prefix, prefill_prompt
 from kuaida.engine.lookup import LookupConfig, NgramIndex
 from kuaida.engine.sampling import SamplingParams
@@ -286,8 +290,9 @@ class Scheduler:
             tokens += [a.last_token, *d]
             positions += range(pos, pos + 1 + len(d))
             rows += [a.slot.row] * (1 + len(d))
-        logits = self.model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], self.cache,
-                            rows=torch.tensor(rows))[:, -1]  # [rows, V]
+        with kernels.row_independent():  # a row's logits do not depend on the rows beside it
+            logits = self.model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], self.cache,
+                                rows=torch.tensor(rows))[:, -1]  # [rows, V]
         self.metrics.decode_steps += 1
         first = 0
         for a, d in zip(batch, drafts):
@@ -300,19 +305,28 @@ class Scheduler:
             first += 1 + len(d)
 
     def _drafts(self, batch: list[Active]) -> list[list[int]]:
-        """Prompt-lookup drafts per request, while the step has rows to spare (oldest requests first)."""
+        """Prompt-lookup drafts per request, within the step's spare rows: dealt one token per request per
+        round (a draft's first tokens are the likeliest to be kept), oldest requests first in each round."""
         spare = self.lookup_rows - len(batch)
-        out = []
+        full: list[list[int]] = []
         for a in batch:
             d: list[int] = []
             if a.index is not None and spare > 0:
                 # Room for the drafts and the token after them, in the reply's budget and the context.
                 left = min(a.seq.budget - len(a.seq.tokens), self.max_context - len(a.slot.cached_ids) - 1)
-                room = left - 1
-                d = a.index.draft(min(room, spare))
-                spare -= len(d)
-            out.append(d)
-        return out
+                d = a.index.draft(min(left - 1, spare))
+            full.append(d)
+        take = [0] * len(batch)
+        while spare > 0:
+            dealt = 0
+            for i, d in enumerate(full):
+                if spare > 0 and take[i] < len(d):
+                    take[i] += 1
+                    spare -= 1
+                    dealt += 1
+            if not dealt:
+                break
+        return [d[:n] for d, n in zip(full, take)]
 
     def _accept(self, a: Active, drafts: list[int], logits: torch.Tensor) -> None:
         """logits [1 + len(drafts), V]: after the last token, then after each draft. Keep the drafts greedy

@@ -10,6 +10,7 @@ KUAIDA_NO_KERNELS=1) both go to `reference`: the same weights, fp32 activations,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -149,6 +150,29 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.
     return y if bias is None else y.add_(bias)
 
 
+_rows = threading.local()
+
+
+@contextlib.contextmanager
+def row_independent():
+    """Within this block (this thread), int8 and int4 layers take the integer kernel however many rows come
+    in: each row's result is then bitwise the same whatever rows share the call (the dequantize + GEMM and
+    fused bf16 paths round differently). The batching scheduler decodes in it, so a greedy reply does not
+    depend on the requests or the prompt-lookup drafts that share its steps; from ~12 rows it costs speed
+    (benchmarks/results/kernels.md)."""
+    before = getattr(_rows, "independent", False)
+    _rows.independent = True
+    try:
+        yield
+    finally:
+        _rows.independent = before
+
+
+def _batch_paths() -> bool:
+    """False inside row_independent()."""
+    return not getattr(_rows, "independent", False)
+
+
 # The two ops below run once per linear layer per token: they stay minimal (a few microseconds of Python).
 def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,10 +180,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
     ext = _load()
     if ext is None:
         return reference.int8_linear(x.float(), q, d, bias)
-    if x.numel() >= FUSED_INT8_MIN_ROWS * x.shape[-1] and fused_int8():
-        return _load("attention").int8_linear_bf16(_fp32(x), q, d, bias)
     wide = avx512()
-    if (gemm := _gemm_dtype(x, "int8", q.shape[0], wide)) is not None:
+    if x.numel() >= FUSED_INT8_MIN_ROWS * x.shape[-1] and _batch_paths() and fused_int8():
+        return _load("attention").int8_linear_bf16(_fp32(x), q, d, bias)
+    if _batch_paths() and (gemm := _gemm_dtype(x, "int8", q.shape[0], wide)) is not None:
         return _gemm(x, ext.int8_dequantize(q, d, weight_buffer(*q.shape, gemm), wide), bias)
     return ext.int8_linear(_fp32(x), q, d, bias, wide)
 
@@ -171,7 +195,7 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tens
     if ext is None:
         return reference.int4_linear(x.float(), q, d, m, bias)
     wide = avx512()
-    if (gemm := _gemm_dtype(x, "int4", q.shape[0], wide)) is not None:
+    if _batch_paths() and (gemm := _gemm_dtype(x, "int4", q.shape[0], wide)) is not None:
         w = ext.int4_dequantize(q, d, m, weight_buffer(q.shape[0], q.shape[1] * 2, gemm), wide)
         return _gemm(x, w, bias)
     return ext.int4_linear(_fp32(x), q, d, m, bias, wide)
