@@ -194,6 +194,10 @@ def load(
                                "installed and the model is a GGUF)."),
     api_key: Optional[str] = typer.Option(None, help="Bearer key for --url."),
     seed: int = typer.Option(0, help="Picks the chitchat conversations."),
+    without_lookup: bool = typer.Option(True, help="Also sweep the clients on a server with prompt lookup "
+                                        "off: continuous batching alone (lookup fills one stream's spare "
+                                        "batch rows with drafts, so with it on, N clients against one "
+                                        "measures both). Not with --url."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
     md_path: Optional[Path] = typer.Option(None, "--md", help="Write the tables as Markdown here."),
     png_path: Optional[Path] = typer.Option(None, "--png", help="Plot TTFT by turn and tok/s by clients here "
@@ -213,7 +217,8 @@ def load(
     settings = LoadSettings(turns=turns, reply_tokens=reply_tokens)
     with err.status("benchmarking ...") as status:
         report = run_load(url, model, dtype, levels, settings, curve_runs, peers, api_key, seed,
-                          progress=lambda step: status.update(f"benchmarking {step} ..."))
+                          progress=lambda step: status.update(f"benchmarking {step} ..."),
+                          without_lookup=without_lookup)
     # Piped output is not wrapped to 80 columns: the table needs ~130.
     Console(width=None if sys.stdout.isatty() else 160).print(rich_table(report, COLUMNS, TITLE))
     for key, target in report["targets"].items():

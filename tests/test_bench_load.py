@@ -149,6 +149,14 @@ def test_check_targets_met_and_missed():
     same = load.check_targets(rows, {"on": on}, "on", "off", [[110.0, 100.0], [90.0, 60.0], [60.0, 20.0]])
     assert same["last_turn_ttft_vs_same_message_at_turn_1"] == {"value": 1.5, "target": "reported",
                                                                  "met": True}
+    # The same server with prompt lookup off: its own 8-client row against its own 1-client row.
+    assert targets["8_clients_output_tok_s_vs_1_prompt_lookup_off"]["met"] is None  # not swept
+    plain = [{"variant": "k, no lookup", "clients": 1, "errors": 0, "speedup_vs_1_client": 1.0},
+             {"variant": "k, no lookup", "clients": 8, "errors": 0, "speedup_vs_1_client": 3.2}]
+    both = load.check_targets(rows + plain, {"on": on}, "on", "off", None, "k, no lookup")
+    assert both["8_clients_output_tok_s_vs_1_prompt_lookup_off"] == {
+        "value": 3.2, "target": ">= 3, no errors (batching alone)", "met": True}
+    assert both["8_clients_output_tok_s_vs_1"]["value"] == 3.4  # still the first server's rows
 
 
 def test_scheduler_without_prefix_cache_prefills_every_prompt_whole(tiny_llama_dir):
@@ -264,10 +272,12 @@ def test_report_against_a_running_server(fake_server, tmp_path):
     assert rows[1]["requests"] == 6
     assert [p["turn"] for p in next(iter(report["curves"].values()))] == [1, 2, 3]
     assert {r["variant"] for r in report["results"] if "skipped" in r} == {
-        f"server at {fake_server.url} (reuse off)", load.LLAMACPP}
+        f"server at {fake_server.url} (reuse off)", f"server at {fake_server.url}, prompt lookup off",
+        load.LLAMACPP}
     assert set(report["targets"]) == {"last_turn_history_tokens", "last_turn_ttft_vs_turn_1",
                                       "last_turn_ttft_vs_same_message_at_turn_1",
-                                      "last_turn_ttft_reuse_speedup", "8_clients_output_tok_s_vs_1"}
+                                      "last_turn_ttft_reuse_speedup", "8_clients_output_tok_s_vs_1",
+                                      "8_clients_output_tok_s_vs_1_prompt_lookup_off"}
     # Each curve conversation's last message also went alone, as a first turn.
     assert len(report["same_message"][f"server at {fake_server.url} (reuse on)"]) == 2
     assert all(r["other_cpu_cores"] >= 0 for r in rows) and set(report["curves_other_cpu_cores"]) == {
@@ -278,6 +288,20 @@ def test_report_against_a_running_server(fake_server, tmp_path):
     pytest.importorskip("matplotlib")
     load.plot_load(report, tmp_path / "load.png")
     assert (tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kuaida_server_commands():
+    """The servers `bench load` starts: reuse off for the no-reuse curve, prompt lookup off for the
+    batching-alone sweep (flags `kuaida serve` accepts)."""
+    base = load.kuaida_command("default", "int8", True, 8000)
+    assert base[-2:] == ["--dtype", "int8"]
+    assert load.kuaida_command("default", "int8", False, 8000)[-1] == "--no-prefix-cache"
+    assert load.kuaida_command("default", "int8", True, 8000, lookup=False)[-1] == "--no-prompt-lookup"
+    from typer.testing import CliRunner
+
+    from kuaida.cli import app
+    help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    assert "--no-prefix-cache" in help_text and "--no-prompt-lookup" in help_text
 
 
 def test_llamacpp_peer_queues_concurrent_requests_instead_of_aborting_them():

@@ -277,8 +277,8 @@ def goal(value: float | None, wanted: str, met: bool | None) -> dict[str, Any]:
 
 
 def check_targets(rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]],
-                  on: str, off: str,
-                  same_message: list[list[float]] | None = None) -> dict[str, dict[str, Any]]:
+                  on: str, off: str, same_message: list[list[float]] | None = None,
+                  without_lookup: str | None = None) -> dict[str, dict[str, Any]]:
     """The goals kuaida is held to, each with the measured value and whether it is met (met is None
     when this run did not measure it). `rows[0]` names the server under test. `same_message`: per curve
     conversation, its last turn's TTFT and that user message's TTFT as a first turn (reported beside
@@ -290,9 +290,12 @@ def check_targets(rows: list[dict[str, Any]], curves: dict[str, list[dict[str, A
     history = on_curve[-1]["history_tokens"] if on_curve else None
     growth = round(last / first, 2) if last and first else None
     reuse = round(last_off / last, 2) if last and last_off else None
-    eight = next((r for r in rows if rows and r["variant"] == rows[0]["variant"] and r.get("clients") == 8),
-                 None)
-    scale = eight.get("speedup_vs_1_client") if eight else None
+    def eight_clients(variant: str | None) -> tuple[float | None, dict[str, Any] | None]:
+        row = next((r for r in rows if r["variant"] == variant and r.get("clients") == 8), None)
+        return (row.get("speedup_vs_1_client") if row else None), row
+
+    scale, eight = eight_clients(rows[0]["variant"] if rows else None)
+    plain_scale, plain_eight = eight_clients(without_lookup)
     same = median_or_none([last_ms / alone_ms for last_ms, alone_ms in same_message or [] if alone_ms > 0])
     return {
         "last_turn_history_tokens": goal(history, ">= 800", None if history is None else history >= 800),
@@ -302,6 +305,9 @@ def check_targets(rows: list[dict[str, Any]], curves: dict[str, list[dict[str, A
         "last_turn_ttft_reuse_speedup": goal(reuse, ">= 5", None if reuse is None else reuse >= 5),
         "8_clients_output_tok_s_vs_1": goal(scale, ">= 3, no errors",
                                             None if scale is None else scale >= 3 and eight["errors"] == 0),
+        "8_clients_output_tok_s_vs_1_prompt_lookup_off": goal(
+            plain_scale, ">= 3, no errors (batching alone)",
+            None if plain_scale is None else plain_scale >= 3 and plain_eight["errors"] == 0),
     }
 
 
@@ -386,13 +392,13 @@ class Measured:
 
 
 def measure(target: Target, work: Workload, settings: LoadSettings, sweep: bool,
-            progress: Callable[[str], None]) -> Measured:
-    """Warm up, run the turn curve (one conversation at a time), then the sweep."""
+            progress: Callable[[str], None], curve: bool = True) -> Measured:
+    """Warm up, run the turn curve (one conversation at a time; unless not `curve`), then the sweep."""
     progress(f"{target.name}: warm-up")
     run_conversation(target, ["Hi! How is your day going?"], settings)  # first-call allocations, untimed
     replies, same_message = [], []
     with OtherCpu() as curve_cpu:
-        for i, conversation in enumerate(work.curve):
+        for i, conversation in enumerate(work.curve if curve else []):
             progress(f"{target.name}: turn curve, conversation {i + 1}/{len(work.curve)}")
             replies.append(run_conversation(target, conversation, settings))
             # Turn 1 and the last turn of a conversation differ in their user message's length, and the
@@ -408,7 +414,7 @@ def measure(target: Target, work: Workload, settings: LoadSettings, sweep: bool,
         with OtherCpu() as cpu:
             results, wall = run_clients(target, conversations, settings)
         rows.append({**summarize_level(target.name, results, wall), "other_cpu_cores": cpu.cores})
-    return Measured(rows, turn_curve(replies), curve_cpu.cores, same_message)
+    return Measured(rows, turn_curve(replies) if curve else None, curve_cpu.cores, same_message)
 
 
 # -- servers on 127.0.0.1 --------------------------------------------------------------------------
@@ -418,10 +424,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kuaida_command(model: str, dtype: str, prefix_cache: bool, port: int) -> list[str]:
+def kuaida_command(model: str, dtype: str, prefix_cache: bool, port: int, lookup: bool = True) -> list[str]:
     cmd = [sys.executable, "-m", "kuaida.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", dtype]
-    return cmd if prefix_cache else [*cmd, "--no-prefix-cache"]
+    return cmd + ([] if prefix_cache else ["--no-prefix-cache"]) + ([] if lookup else ["--no-prompt-lookup"])
 
 
 def llamacpp_command(gguf: Path, port: int, context: int) -> list[str]:
@@ -517,8 +523,14 @@ def run_peer(model: str, context: int, work: Workload, settings: LoadSettings, l
 def run_load(url: str | None = None, model: str = "default", dtype: str = "int8",
              clients: Sequence[int] = (1, 2, 4, 8, 16), settings: LoadSettings = LoadSettings(),
              curve_runs: int = 2, peers: bool = True, api_key: str | None = None, seed: int = 0,
-             context: int = 4096, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure kuaida's server (started here, or the one at `url`) and its peer; -> the report."""
+             context: int = 4096, progress: Callable[[str], None] | None = None,
+             without_lookup: bool = True) -> dict[str, Any]:
+    """Measure kuaida's server (started here, or the one at `url`) and its peer; -> the report.
+
+    without_lookup: also sweep the clients with a server whose prompt lookup is off. Lookup speeds one
+    greedy stream up by filling the decode step's spare rows with drafts; many streams fill those rows
+    themselves, so with lookup on, "N clients against one" measures lookup as much as batching. The
+    lookup-off sweep measures continuous batching alone."""
     if not clients or min(clients) < 1 or settings.turns < 1 or curve_runs < 1:
         raise InvalidArgumentError("use at least 1 client per level, 1 turn and 1 curve conversation")
     progress = progress or (lambda step: log.info("%s", step))
@@ -547,6 +559,15 @@ def run_load(url: str | None = None, model: str = "default", dtype: str = "int8"
                 with start_server(curve, command, "/health", Path(tmp)) as target:
                     add(measure(dataclasses.replace(target, name=name), work, settings, reuse, progress),
                         curve)
+        plain = f"{name}, prompt lookup off"
+        if without_lookup and not url:
+            command = functools.partial(kuaida_command, model, dtype, True, lookup=False)
+            with start_server(plain, command, "/health", Path(tmp)) as target:
+                add(measure(dataclasses.replace(target, name=plain), work, settings, True, progress,
+                            curve=False), plain)
+        elif without_lookup:
+            add(Measured([{"variant": plain, "skipped": "needs a server this command starts (no --url)"}],
+                         None), plain)
         skip = Measured([{"variant": LLAMACPP, "skipped": "not asked for (--no-peers)"}], None)
         add(run_peer(model, context, work, settings, Path(tmp), progress) if peers else skip, LLAMACPP)
     add_speedups(rows)
@@ -559,7 +580,7 @@ def run_load(url: str | None = None, model: str = "default", dtype: str = "int8"
     report["curves"], report["curves_other_cpu_cores"] = curves, curve_cpu
     report["same_message"] = same_message
     report["targets"] = check_targets([r for r in rows if "skipped" not in r], curves, on, off,
-                                      same_message.get(on))
+                                      same_message.get(on), plain)
     return report
 
 
