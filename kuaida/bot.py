@@ -18,6 +18,7 @@ from kuaida.engine.lookup import LookupConfig
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.sequence import GenerationStats
 from kuaida.errors import InvalidArgumentError
+from kuaida.model.fused import fuse
 from kuaida.model.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def load_weights(model: str = "default", dtype: str | None = "int8",
             # Build (first run, ~35 s) or load the compiled kernels now, while the caller shows
             # "loading", not inside the first request's time to first token.
             kernels.available()
+    fuse(loaded.model)  # inference: norms, RoPE and SwiGLU's glue in one kernel call each
     log.info("loaded %s (%s, %s) in %.1f s", model, loaded.backend, dtype, time.perf_counter() - t0)
     return loaded
 

@@ -34,6 +34,7 @@ from kuaida.bench.quality import compare, heldout_prompts, perplexity
 from kuaida.compress.prune import PruneConfig, count_params, prune
 from kuaida.compress.quantize import DTYPES, quantize
 from kuaida.errors import InvalidArgumentError
+from kuaida.model.fused import fuse
 from kuaida.model.loader import load_model
 from kuaida.model.save import check_target, save_model
 from kuaida.train.data import heldout_examples
@@ -193,7 +194,8 @@ def finetune_baseline(pruned: torch.nn.Module, tokenizer, dcfg: DistillConfig, p
 
 
 def quantized_copy(model: torch.nn.Module, step: QuantizeStep) -> torch.nn.Module:
-    return quantize(copy.deepcopy(model), step.dtype, step.group_size)
+    """The copy the engine runs (and the report times): quantized, glue fused (kuaida.model.fused)."""
+    return fuse(quantize(copy.deepcopy(model), step.dtype, step.group_size))
 
 
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:

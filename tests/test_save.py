@@ -15,6 +15,7 @@ from kuaida.compress.quantize import dequantize, quantize
 from kuaida.errors import InvalidArgumentError
 from kuaida.model import load_model
 from kuaida.model import save as save_mod
+from kuaida.model.fused import fuse
 from kuaida.model.save import save_model
 from kuaida.model.transformer import Transformer
 
@@ -171,7 +172,7 @@ def test_load_weights_runs_a_quantized_directory_as_saved(tiny_llama_dir, tmp_pa
     from kuaida import bot
 
     src = load_model(str(tiny_llama_dir))
-    model = quantize(src.model, "int4")
+    model = fuse(quantize(src.model, "int4"))  # load_weights fuses the glue too (kuaida.model.fused)
     with torch.no_grad():
         expect = model(tokens())
     out = save_model(model, src.tokenizer, tmp_path / "out")
@@ -185,6 +186,6 @@ def test_load_weights_runs_a_quantized_directory_as_saved(tiny_llama_dir, tmp_pa
         other = bot.load_weights(str(out), "int8")
     assert "saved quantized to int4" in caplog.text
     assert type(other.model.layers[0].mlp.down_proj).__name__ == "Int8Linear"
-    requantized = real_quantize(dequantize(copy.deepcopy(model)), "int8")  # int8 of the int4 weights
+    requantized = fuse(real_quantize(dequantize(copy.deepcopy(model)), "int8"))  # int8 of the int4 weights
     with torch.no_grad():
         assert torch.equal(other.model(tokens()), requantized(tokens()))

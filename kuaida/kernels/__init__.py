@@ -213,6 +213,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: to
     return reference.decode_attention(q, k, v, rows, lens)
 
 
+def glue() -> ModuleType | None:
+    """The compiled module with rms_norm, rope_qkv and silu_mul (kuaida.model.fused), or None: no kernels."""
+    return _load("attention")
+
+
 @functools.cache
 def _has_avx512_bf16_attention() -> bool:
     return (ext := _load("attention")) is not None and ext.has_avx512_bf16()

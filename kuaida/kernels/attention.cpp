@@ -686,7 +686,126 @@ void place_passage(const std::vector<at::Tensor>& kcs, const std::vector<at::Ten
   });
 }
 
+// ---- Inference glue: RMSNorm, RoPE on the fused q/k/v projection, SwiGLU's silu(gate) * up -----------------
+//
+// Why: at one token per step each of these is a few microseconds of arithmetic spread over 6-20 PyTorch ops
+// (about 35 per layer in all), and the ops' dispatch, not their work, made up a third of a decode step of the
+// default model on 2 cores (benchmarks/results/kernels.md). One call each here (kuaida.model.fused).
+
+namespace {
+
+// Rows of x [n, D] fp32 -> out = w * (x / sqrt(mean(x^2) + eps)).
+void rms_rows(const float* x, const float* w, float* out, int64_t n, int64_t D, float eps) {
+  for (int64_t r = 0; r < n; ++r, x += D, out += D) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(x + d), acc);
+    float ss = hsum8(acc);
+    for (; d < D; ++d) ss += x[d] * x[d];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (d = 0; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_loadu_ps(w + d), _mm256_mul_ps(_mm256_loadu_ps(x + d), iv)));
+    for (; d < D; ++d) out[d] = w[d] * (x[d] * inv);
+  }
+}
+
+// One head vector x [D] rotated (rotate-half RoPE: pairs d, d + D/2) with cos, sin [D] -> out [D].
+inline void rotate(const float* x, const float* c, const float* s, float* out, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) {
+    out[d] = x[d] * c[d] - x[d + h] * s[d];
+    out[d + h] = x[d + h] * c[d + h] + x[d] * s[d + h];
+  }
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "x: contiguous fp32 [..., D]");
+  const int64_t D = x.size(-1), n = D ? x.numel() / D : 0;
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "w: fp32 [D]");
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+    rms_rows(xp + b * D, wp, op + b * D, e - b, D, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// qkv [B, T, (H + 2 Hkv) D] fp32 contiguous (q heads, then k heads, then v heads); cos, sin [B, T, D] fp32
+// contiguous -> {q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]}, q and k rotated.
+std::vector<at::Tensor> rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
+                                 int64_t Hkv) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv: contiguous fp32 [B, T, N]");
+  const int64_t B = qkv.size(0), T = qkv.size(1), N = qkv.size(2);
+  TORCH_CHECK(H > 0 && Hkv > 0 && N % (H + 2 * Hkv) == 0, "qkv's width must be (H + 2 Hkv) x head_dim");
+  const int64_t D = N / (H + 2 * Hkv);
+  TORCH_CHECK(D % 2 == 0 && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == B * T * D && sin.numel() == B * T * D, "cos, sin: fp32 [B, T, D]");
+  at::Tensor q = at::empty({B, H, T, D}, qkv.options());
+  at::Tensor k = at::empty({B, Hkv, T, D}, qkv.options());
+  at::Tensor v = at::empty({B, Hkv, T, D}, qkv.options());
+  const float* src = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  at::parallel_for(0, B * T, std::max<int64_t>(1, 65536 / std::max<int64_t>(N, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t bt = b0; bt < b1; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      const float* row = src + bt * N;
+      const float* c = cp + bt * D;
+      const float* s = sp + bt * D;
+      for (int64_t h = 0; h < H; ++h) rotate(row + h * D, c, s, qp + ((b * H + h) * T + t) * D, D);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        rotate(row + (H + h) * D, c, s, kp + ((b * Hkv + h) * T + t) * D, D);
+        std::copy(row + (H + Hkv + h) * D, row + (H + Hkv + h + 1) * D, vp + ((b * Hkv + h) * T + t) * D);
+      }
+    }
+  });
+  return {q, k, v};
+}
+
+// gu [..., 2 I] fp32 contiguous (gate, then up) -> silu(gate) * up [..., I]; silu(x) = x / (1 + e^-x).
+at::Tensor silu_mul(const at::Tensor& gu) {
+  TORCH_CHECK(gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.dim() >= 1 && gu.size(-1) % 2 == 0,
+              "gu: contiguous fp32 [..., 2 I]");
+  const int64_t I = gu.size(-1) / 2, n = I ? gu.numel() / (2 * I) : 0;
+  auto sizes = gu.sizes().vec();
+  sizes.back() = I;
+  at::Tensor out = at::empty(sizes, gu.options());
+  const float* g = gu.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* gr = g + r * 2 * I;
+      const float* ur = gr + I;
+      float* orow = o + r * I;
+      int64_t i = 0;
+      const __m256 one = _mm256_set1_ps(1.0f);
+      const __m256 sign = _mm256_set1_ps(-0.0f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 x = _mm256_loadu_ps(gr + i);
+        // e = e^-|x| (exp256 wants x <= 0); sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) below.
+        const __m256 e = exp256(_mm256_or_ps(x, sign));
+        const __m256 num = _mm256_blendv_ps(one, e, x);  // blendv picks e where x's sign bit is set
+        const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(orow + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(ur + i)));
+      }
+      for (; i < I; ++i) orow[i] = gr[i] / (1.0f + std::exp(-gr[i])) * ur[i];
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("rms_norm", &rms_norm, "RMSNorm of the rows of x (fp32)");
+  mod.def("rope_qkv", &rope_qkv, "q, k, v [B, heads, T, D] from a fused qkv projection, q and k rotated (RoPE)");
+  mod.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
   mod.def("decode_attention", &decode_attention, "one query per sequence over its cached keys/values (GQA)");
   mod.def("prefill_attention", &prefill_attention, "T queries of one sequence over its fp16 cache (AVX-512 BF16)");
   mod.def("int8_linear_bf16", &int8_linear_bf16,
