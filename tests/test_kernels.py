@@ -313,7 +313,8 @@ def test_quantize_handles_constant_and_zero_groups():
 
 @needs_kernels
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+@pytest.mark.parametrize("heads,kv_heads,dim",
+                         [(9, 3, 64), (4, 4, 32), (8, 2, 128), (12, 2, 40), (20, 2, 64)])
 def test_decode_attention_matches_sdpa(heads, kv_heads, dim, cache_dtype):
     """Ragged rows (lengths 1 .. 300, scattered cache rows, one row twice) against one SDPA per row
     (over the same fp16 values upcast, for an fp16 cache)."""
@@ -323,18 +324,43 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, dim, cache_dtype):
     rows = torch.tensor([5, 0, 3, 3, 1])
     lens = torch.tensor([300, 1, 7, 129, 64])
     q = torch.randn(5, heads, dim, generator=g) * 3  # sharp softmax: exercises the exp range
-    out = kernels._load("attention").decode_attention(q, k, v, rows, lens, dim ** -0.5)
+    out = kernels.decode_attention(q, k, v, rows, lens)
     want = ref.decode_attention(q, k, v, rows, lens)
     assert out.shape == (5, heads, dim)
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
 
 
 @needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_decode_attention_shared_prefixes_are_read_from_their_source(cache_dtype):
+    """Rows 2 and 4 hold a copy of row 0's first 200 positions (a system prompt copied into two slots);
+    two entries of row 2 are a token and its draft. Reading the prefix from row 0 once (srcs, shared)
+    gives bitwise the result of reading each row, and each entry's result is the one it gets alone."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(5, 3, 320, 64, generator=g).to(cache_dtype)
+    v = torch.randn(5, 3, 320, 64, generator=g).to(cache_dtype)
+    for row in (2, 4):
+        k[row, :, :200], v[row, :, :200] = k[0, :, :200], v[0, :, :200]
+    rows, lens = torch.tensor([2, 4, 2, 1]), torch.tensor([250, 300, 251, 90])
+    q = torch.randn(4, 9, 64, generator=g) * 3
+    plain = kernels.decode_attention(q, k, v, rows, lens)
+    srcs, shared = torch.tensor([0, 0, 0, 1]), torch.tensor([200, 150, 200, 0])
+    assert torch.equal(kernels.decode_attention(q, k, v, rows, lens, srcs, shared), plain)
+    for b in range(4):
+        alone = kernels.decode_attention(q[b:b + 1], k, v, rows[b:b + 1], lens[b:b + 1])
+        assert torch.equal(alone[0], plain[b])
+    torch.testing.assert_close(plain, ref.decode_attention(q, k, v, rows, lens), atol=2e-5, rtol=1e-4)
+    # The prefix is really read from row 0: change it there and the shared read (only) sees the change.
+    k[0, :, 10] += 1.0
+    assert not torch.equal(kernels.decode_attention(q, k, v, rows, lens, srcs, shared), plain)
+    assert torch.equal(kernels.decode_attention(q, k, v, rows, lens), plain)
+
+
+@needs_kernels
 def test_decode_attention_rejects_out_of_range_rows():
     k = v = torch.zeros(2, 1, 8, 8)
     with pytest.raises(RuntimeError, match="out of the cache's range"):
-        kernels._load("attention").decode_attention(torch.zeros(1, 2, 8), k, v, torch.tensor([2]),
-                                                    torch.tensor([1]), 1.0)
+        kernels.decode_attention(torch.zeros(1, 2, 8), k, v, torch.tensor([2]), torch.tensor([1]))
 
 
 @needs_kernels

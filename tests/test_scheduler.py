@@ -154,3 +154,44 @@ def test_a_conversation_sharing_only_the_system_prompt_copies_it_instead_of_evic
     assert b.stats.cached_tokens == len(system) and sched.metrics.evictions == 0
     assert b_text == single(loaded, system + [30, 31, 32], **GREEDY)
     assert a2.stats.cached_tokens == len(system) + 2  # conversation a was not overwritten by b
+
+
+def test_conversations_sharing_a_system_prompt_read_it_once_with_the_same_replies(loaded, monkeypatch):
+    """Four conversations that start together with one system prompt: the later ones copy it from the first
+    (busy) slot instead of prefilling it, decode steps read it from one row for all of them, and every
+    reply is the one single-stream decoding gives."""
+    from kuaida import kernels
+
+    seen = []
+    plain = kernels.decode_attention
+
+    def spy(q, k, v, rows, lens, srcs=None, shared=None):
+        if shared is not None:
+            seen.append((srcs.tolist(), shared.tolist(), rows.tolist()))
+        return plain(q, k, v, rows, lens, srcs, shared)
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+    system = list(range(30, 70))
+    prompts = [system + tail for tail in ([5, 6], [7], [8, 9, 10], [11, 12])]
+    sched = Scheduler(loaded.model, loaded.tokenizer, {loaded.tokenizer.eos_token_id}, max_batch=4,
+                      max_context=128, cache_budget_mb=1)
+    streams = [sched.submit(p, SamplingParams(**GREEDY)) for p in prompts]  # all queued before the first step
+    sched.start()
+    results = ["".join(s) for s in streams]
+    sched.stop()
+    assert [s.stats.cached_tokens for s in streams] == [0] + [len(system)] * 3
+    assert any(len(set(rows)) == 4 and len(set(srcs)) == 1 and min(shared) == len(system)
+               for srcs, shared, rows in seen)
+    assert results == [single(loaded, p, **GREEDY) for p in prompts]
+
+
+def test_a_slot_reused_below_its_shared_prefix_stops_sharing_it():
+    from kuaida.engine.scheduler import Slot
+
+    slot = Slot(row=0, cached_ids=list(range(10)), prefix=(7, 8))
+    slot.keep(9)
+    assert slot.prefix == (7, 8)
+    slot.keep(5)
+    assert slot.prefix == (7, 5) and slot.cached_ids == list(range(5))
+    slot.keep(0)
+    assert slot.prefix is None and slot.cached_ids == []

@@ -18,6 +18,7 @@ draft rows cost about what they save, each re-reading its row's history in atten
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -87,6 +88,16 @@ class Slot:
     cached_ids: list[int] = field(default_factory=list)  # tokens whose KV sits in this cache row
     last_used: float = 0.0
     busy: bool = False
+    # (key, n): positions [0, n) of this row hold bitwise the same keys/values as those of every other slot
+    # with the same key, up to the shorter n (copies of one prefix, see _copy_prefix). Decode steps read such
+    # a prefix once for all the rows that share it.
+    prefix: tuple[int, int] | None = None
+
+    def keep(self, n: int) -> None:
+        """Only the first n cached positions stay valid (what follows will be overwritten)."""
+        self.cached_ids = self.cached_ids[:n]
+        if self.prefix is not None and self.prefix[1] > n:
+            self.prefix = (self.prefix[0], n) if n > 0 else None
 
 
 @dataclass
@@ -134,6 +145,7 @@ class Scheduler:
         self.active: list[Active] = []
         self.metrics = SchedulerMetrics()
         self._ids = itertools.count()
+        self._prefix_keys = itertools.count()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="kuaida-scheduler", daemon=True)
@@ -203,18 +215,18 @@ class Scheduler:
                 except Exception as e:  # never die silently: fail the requests in flight, keep serving
                     log.exception("scheduler step failed")
                     for a in list(self.active):
-                        a.slot.cached_ids = []
+                        a.slot.keep(0)
                         self._finish(a, KuaidaError(f"generation failed: {e}"))
 
     def _pick_slot(self, prompt_ids: list[int]) -> tuple[Slot, int] | None:
         """An idle slot for `prompt_ids` and how many of its tokens are already cached there.
 
-        The slot whose cached tokens the prompt extends (the same conversation's next turn) is taken
+        The idle slot whose cached tokens the prompt extends (the same conversation's next turn) is taken
         as is. A slot that shares only part of its tokens with the prompt (another conversation with the
-        same system prompt) is not overwritten: the shared prefix is copied into the least recently used
-        idle slot (an empty one first), and the other conversation keeps its cache. Without any shared
-        prefix, the least recently used idle slot is taken. Overwriting a slot that held a conversation
-        counts as an eviction."""
+        same system prompt, idle or still generating) is not overwritten: the shared prefix is copied into
+        the least recently used idle slot (an empty one first), and the other conversation keeps its cache.
+        Without any shared prefix, the least recently used idle slot is taken. Overwriting a slot that held
+        a conversation counts as an eviction."""
         idle = [s for s in self.slots if not s.busy]
         if not idle:
             return None
@@ -225,6 +237,11 @@ class Scheduler:
             n = common_prefix(best.cached_ids, prompt_ids)
             if n == len(best.cached_ids) and n > 0:
                 return best, n  # the prompt extends this slot's tokens: nothing is lost
+            # A busy slot may hold a longer shared prefix (conversations that start together): the KV of its
+            # cached tokens is final, it only writes past them.
+            busy = [s for s in self.slots if s.busy]
+            if busy and (n_busy := max(common_prefix(s.cached_ids, prompt_ids) for s in busy)) > n:
+                best, n = next(s for s in busy if common_prefix(s.cached_ids, prompt_ids) == n_busy), n_busy
             victim = min(idle, key=lambda s: (len(s.cached_ids) > 0, s.last_used))
             if n > 0 and victim is not best:
                 self._copy_prefix(best, victim, n)
@@ -244,6 +261,9 @@ class Scheduler:
             kc[dst.row, :, :n] = kc[src.row, :, :n]
             vc[dst.row, :, :n] = vc[src.row, :, :n]
         dst.cached_ids = list(src.cached_ids[:n])
+        if src.prefix is None or src.prefix[1] < n:  # src's tag cannot grow: others share only its first part
+            src.prefix = (next(self._prefix_keys), n)
+        dst.prefix = (src.prefix[0], n)
 
     def _admit(self) -> None:
         while len(self.active) < self.max_batch:
@@ -265,7 +285,7 @@ class Scheduler:
         self.metrics.cache_hits += n_cached > 0
         self.metrics.cached_tokens += n_cached
         self.metrics.prefilled_tokens += len(seq.prompt_ids) - n_cached
-        slot.cached_ids = slot.cached_ids[:n_cached]
+        slot.keep(n_cached)
         index = NgramIndex(self.lookup, seq.prompt_ids) if self.lookup and seq.params.greedy else None
         active = Active(stream, seq, slot, index=index)
         self.active.append(active)
@@ -290,7 +310,9 @@ class Scheduler:
             tokens += [a.last_token, *d]
             positions += range(pos, pos + 1 + len(d))
             rows += [a.slot.row] * (1 + len(d))
-        with kernels.row_independent():  # a row's logits do not depend on the rows beside it
+        # A row's logits do not depend on the rows beside it (integer kernels; attention reads shared
+        # prefixes once, with the same arithmetic as reading each row).
+        with kernels.row_independent(), self._sharing(batch, drafts):
             logits = self.model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], self.cache,
                                 rows=torch.tensor(rows))[:, -1]  # [rows, V]
         self.metrics.decode_steps += 1
@@ -303,6 +325,28 @@ class Scheduler:
                 log.exception("request %s failed", a.stream.id)
                 self._finish(a, KuaidaError(f"generation failed: {e}"))
             first += 1 + len(d)
+
+    def _sharing(self, batch: list[Active], drafts: list[list[int]]):
+        """The step's KVCache.sharing context: per row of the step, the cache row to read its shared prefix
+        from and that prefix's length (0: its own row only). Requests whose slots hold copies of one prefix
+        read it from the first one's row. A no-op where nothing is shared or the cache cannot share."""
+        groups: dict[int, list[Active]] = {}
+        for a in batch:
+            if a.slot.prefix is not None:
+                groups.setdefault(a.slot.prefix[0], []).append(a)
+        src: dict[int, tuple[int, int]] = {}
+        for members in groups.values():
+            if len(members) > 1:
+                n = min(a.slot.prefix[1] for a in members)
+                src.update((id(a), (members[0].slot.row, n)) for a in members)
+        srcs, shared = [], []
+        for a, d in zip(batch, drafts):
+            row, n = src.get(id(a), (a.slot.row, 0))
+            srcs += [row] * (1 + len(d))
+            shared += [n] * (1 + len(d))
+        if not src or not hasattr(self.cache, "sharing"):
+            return contextlib.nullcontext()
+        return self.cache.sharing(torch.tensor(srcs), torch.tensor(shared))
 
     def _drafts(self, batch: list[Active]) -> list[list[int]]:
         """Prompt-lookup drafts per request, within the step's spare rows: dealt one token per request per

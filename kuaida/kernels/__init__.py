@@ -202,14 +202,23 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tens
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                     lens: torch.Tensor) -> torch.Tensor:
-    """One query token per sequence over its own cached prefix (GQA), the whole batch in one call.
+                     lens: torch.Tensor, srcs: torch.Tensor | None = None,
+                     shared: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per entry over its own cached prefix (GQA), the whole batch in one call.
 
     q [B, H, D] fp32; k, v: the cache's [R, Hkv, S, D], fp32 or fp16; rows, lens int64 [B] (cache row, keys
-    to attend to) -> [B, H, D]. Rows may differ in length: no padding, no copy of any history."""
+    to attend to) -> [B, H, D]. Rows may differ in length: no padding, no copy of any history.
+
+    srcs, shared int64 [B] (optional): entry b reads its first shared[b] keys and values from row srcs[b],
+    which must hold the same bits there as its own row (a copied system prompt): entries with one src read
+    that prefix from memory once. Entries of one row share their reads too. The result is bitwise the same
+    with or without them; only the bytes read change."""
     ext = _load("attention")
-    if ext is not None and k.dtype in (torch.float32, torch.float16):
-        return ext.decode_attention(_fp32(q), k, v, rows, lens, q.shape[-1] ** -0.5)
+    if ext is not None and k.dtype in (torch.float32, torch.float16) and q.shape[-1] <= 256:
+        if srcs is None or shared is None:
+            srcs, shared = rows, torch.zeros_like(rows)
+        return ext.decode_attention(_fp32(q), k, v, rows.contiguous(), lens.contiguous(), srcs.contiguous(),
+                                    shared.contiguous(), q.shape[-1] ** -0.5)
     return reference.decode_attention(q, k, v, rows, lens)
 
 

@@ -4,11 +4,12 @@
 //
 // q [B, H, D] fp32; k, v [R, Hkv, S, D] fp32 or fp16 (the preallocated cache: R rows, S positions); rows, lens
 // int64 [B]; G = H / Hkv query heads share a key/value head (GQA). One call covers a whole batched decode
-// step of one layer: each (row, kv head) pair is a task, and its keys and values are read from memory once
-// for all G query heads. Why not SDPA: torch's CPU flash-attention kernel costs ~110 us per row and layer
-// for one query over 1,000 keys (3x the time to stream them), and rows of different lengths need one call
-// each (or a padded copy of every history). The work streams each history from memory once, so an fp16
-// cache halves its time.
+// step of one layer, and reads each key and value from memory once for every query that attends to it: the
+// G heads of an entry, the entries of one row (prompt-lookup drafts), and entries whose rows hold copies of
+// one prefix (a system prompt; `srcs`, `shared`, see decode_step). Why not SDPA: torch's CPU flash-attention
+// kernel costs ~110 us per row and layer for one query over 1,000 keys (3x the time to stream them), and
+// rows of different lengths need one call each (or a padded copy of every history). The work streams the
+// histories from memory, so an fp16 cache halves its time.
 //
 // Prefill attention (many new query tokens of one sequence over its cached prefix), AVX-512 BF16: see
 // prefill_attention below.
@@ -77,78 +78,248 @@ void softmax_inplace(float* p, int64_t L) {
   for (; s < L; ++s) p[s] /= sum;
 }
 
-// One (sequence, kv head): G query heads q [G, D] over keys/values k, v [L, D] -> out [G, D].
-// p: scratch [G, L].
+// ---- The batched decode step ---------------------------------------------------------------------
+//
+// Entry b (one query token) attends to cache positions [0, len[b]): [0, shared[b]) read from cache row
+// src[b], [shared[b], len[b]) from its own row[b]. The caller guarantees that src's positions [0, shared)
+// hold bitwise the same keys/values as row's (a system prompt copied from one slot into others; drafts of
+// one request share their row). Entries are grouped into segments that read each key and value once for
+// all their members: "prefix" segments (entries with the same src, their [0, shared)) and "own" segments
+// (entries with the same row, their [shared, len)). Every entry's arithmetic is the same whichever entries
+// share its segments, or with shared = 0: scores one dot product each, softmax over its own row of scores,
+// then its output as one chain of fused multiply-adds over its keys in order (prefix segments before own
+// ones). So a reply does not depend on the requests beside it, and grouping changes only the bytes read.
+//
+// Four phases in one OpenMP region, split into small units for the threads: scores (segment, kv head,
+// chunk of keys) -> p [B, H, Lmax]; softmax of each (entry, head) row, output zeroed; P @ V of the prefix
+// segments, then of the own segments (segment, kv head).
+
+constexpr int64_t kScoreChunk = 256;  // keys per scores unit (a multiple of 8)
+// Output dims per P @ V unit: all of them. Units of 32 dims (one cache line of fp16 values per key) balanced
+// small batches better but cost ~15 % at 8 rows: the two halves of a line pair were fetched apart.
+constexpr int64_t kOutDims = 256;
+constexpr int64_t kMaxDim = 256;
+constexpr int64_t kPrefetchKeys = 32;  // how far ahead score and P @ V units fetch keys / values
+
+struct Segment {
+  int64_t row;                   // the cache row it reads
+  bool prefix;                   // members' [0, shared) (else [shared, len))
+  std::vector<int64_t> members;  // entries
+  int64_t lo, hi;                // union of the members' key ranges
+};
+
+struct Unit {
+  int32_t seg, head;
+  int64_t a, b;  // keys [a, b) (scores) or output dims [a, b) (P @ V)
+};
+
+struct DecodeArgs {
+  const float* q;
+  float* out;
+  float* p;  // scores then softmax weights [B, H, Lmax]
+  const int64_t *row, *len, *src, *shared;
+  int64_t H, Hkv, G, S, D, Lmax;
+  float scale;
+};
+
+inline void member_range(const DecodeArgs& a, const Segment& seg, int64_t b, int64_t& lo, int64_t& hi) {
+  lo = seg.prefix ? 0 : a.shared[b];
+  hi = seg.prefix ? a.shared[b] : a.len[b];
+}
+
+// Eight sums of eight lanes: [sum(a0), ..., sum(a7)], each vector's lanes added in the same order.
+inline __m256 hsum8x8(const __m256 (&a)[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Scores of keys [u.a, u.b) (u.a a multiple of 8) for every member query that sees them: 8 keys at a time,
+// converted to fp32 once for all members and heads, one accumulator per key, one reduction per 8 keys. A
+// key's score depends only on its query and key (not on the block or the keys beside it).
 template <typename T>
-void attend(const float* q, const T* k, const T* v, int64_t G, int64_t L, int64_t D, float scale,
-            float* p, float* out) {
-  for (int64_t s = 0; s < L; ++s) {  // scores: each key row is loaded once for all G heads
-    const T* ks = k + s * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(ks));
-      for (int64_t c = 8; c < D; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c), load8(ks + c), acc);
-      p[g * L + s] = hsum8(acc) * scale;
+void score_unit(const DecodeArgs& a, const Segment& seg, const T* k, const Unit& u) {
+  alignas(32) float kf[8 * kMaxDim];
+  alignas(32) float sc[8];
+  const T* base = k + (seg.row * a.Hkv + u.head) * a.S * a.D;
+  for (int64_t s = u.a; s < u.b; s += 8) {
+    // Units are short streams (a few hundred keys): fetch ahead, the hardware prefetcher ramps up too late.
+    const char* ahead = reinterpret_cast<const char*>(base + std::min(s + kPrefetchKeys, seg.hi - 1) * a.D);
+    for (int64_t off = 0; off < int64_t(8 * a.D * sizeof(T)); off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    for (int64_t j = 0; j < 8; ++j) {
+      float* kj = kf + j * a.D;
+      if (s + j < seg.lo || s + j >= seg.hi) {  // outside every member's keys (maybe outside the cache)
+        std::fill(kj, kj + a.D, 0.0f);
+        continue;
+      }
+      const T* ks = base + (s + j) * a.D;
+      for (int64_t c = 0; c < a.D; c += 8) _mm256_store_ps(kj + c, load8(ks + c));
+    }
+    for (const int64_t b : seg.members) {
+      int64_t lo, hi;
+      member_range(a, seg, b, lo, hi);
+      lo = std::max(lo, s), hi = std::min(hi, s + 8);
+      if (lo >= hi) continue;
+      for (int64_t g = 0; g < a.G; ++g) {
+        const int64_t hh = u.head * a.G + g;
+        const float* qg = a.q + (b * a.H + hh) * a.D;
+        __m256 acc[8];
+        const __m256 q0 = _mm256_loadu_ps(qg);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_mul_ps(q0, _mm256_load_ps(kf + j * a.D));
+        for (int64_t c = 8; c < a.D; c += 8) {
+          const __m256 qc = _mm256_loadu_ps(qg + c);
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qc, _mm256_load_ps(kf + j * a.D + c), acc[j]);
+        }
+        _mm256_store_ps(sc, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(a.scale)));
+        float* pr = a.p + (b * a.H + hh) * a.Lmax;
+        for (int64_t t = lo; t < hi; ++t) pr[t] = sc[t - s];
+      }
     }
   }
-  for (int64_t g = 0; g < G; ++g) softmax_inplace(p + g * L, L);
-  std::fill(out, out + G * D, 0.0f);
-  for (int64_t s0 = 0; s0 < L; s0 += kKeyBlock) {  // values: a block of rows stays in L1 across chunks
-    const int64_t s1 = std::min(L, s0 + kKeyBlock);
-    for (int64_t c = 0; c < D; c += 8) {
-      __m256 acc[kMaxGroup];
-      for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_loadu_ps(out + g * D + c);
-      for (int64_t s = s0; s < s1; ++s) {
-        const __m256 vs = load8(v + s * D + c);
-        for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(p[g * L + s]), vs, acc[g]);
+}
+
+// out += P @ V over the segment's keys for each member, output dims [u.a, u.b): one fused multiply-add
+// chain per output element, keys in order. GC: the query heads per kv head as a constant (0: runtime), NC
+// the 8-dim chunks held at once, so that the G x NC accumulators stay in registers and each key's weights
+// are broadcast once per part (a runtime count made this loop ~1.5x slower).
+template <typename T, int GC, int NC>
+void pv_unit_g(const DecodeArgs& a, const Segment& seg, const T* v, const Unit& u) {
+  constexpr int kG = GC > 0 ? GC : kMaxGroup;
+  const int64_t G = GC > 0 ? GC : a.G, D = a.D, Lmax = a.Lmax;
+  const T* base = v + (seg.row * a.Hkv + u.head) * a.S * D;
+  for (int64_t s0 = seg.lo; s0 < seg.hi; s0 += kKeyBlock) {  // a block of values stays in L1 across members
+    const int64_t s1 = std::min(seg.hi, s0 + kKeyBlock);
+    for (int64_t s = s1; s < std::min(seg.hi, s1 + kPrefetchKeys); ++s)  // the next block's first values
+      for (int64_t d = u.a; d < u.b; d += 64 / int64_t(sizeof(T))) _mm_prefetch(reinterpret_cast<const char*>(base + s * D + d), _MM_HINT_T0);
+    for (const int64_t b : seg.members) {
+      int64_t lo, hi;
+      member_range(a, seg, b, lo, hi);
+      lo = std::max(lo, s0), hi = std::min(hi, s1);
+      if (lo >= hi) continue;
+      const float* pb = a.p + (b * a.H + u.head * G) * Lmax;
+      float* ob = a.out + (b * a.H + u.head * G) * D;
+      for (int64_t d0 = u.a; d0 < u.b; d0 += 8 * NC) {
+        __m256 acc[kG][NC];
+        for (int64_t g = 0; g < G; ++g)
+          for (int c = 0; c < NC; ++c) acc[g][c] = _mm256_loadu_ps(ob + g * D + d0 + 8 * c);
+        for (int64_t s = lo; s < hi; ++s) {
+          __m256 pg[kG];
+          for (int64_t g = 0; g < G; ++g) pg[g] = _mm256_broadcast_ss(pb + g * Lmax + s);
+          const T* vs = base + s * D + d0;
+          for (int c = 0; c < NC; ++c) {
+            const __m256 vc = load8(vs + 8 * c);
+            for (int64_t g = 0; g < G; ++g) acc[g][c] = _mm256_fmadd_ps(pg[g], vc, acc[g][c]);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g)
+          for (int c = 0; c < NC; ++c) _mm256_storeu_ps(ob + g * D + d0 + 8 * c, acc[g][c]);
       }
-      for (int64_t g = 0; g < G; ++g) _mm256_storeu_ps(out + g * D + c, acc[g]);
     }
   }
 }
 
 template <typename T>
-void attend_all(const at::Tensor& q, const T* kp, const T* vp, const int64_t* row, const int64_t* len,
-                int64_t Hkv, int64_t S, float scale, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = H / Hkv;
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / Hkv, h = t % Hkv, L = len[b];
-      p.resize(G * L);
-      const int64_t kv_off = ((row[b] * Hkv + h) * S) * D;
-      attend(qp + (b * H + h * G) * D, kp + kv_off, vp + kv_off, G, L, D, scale, p.data(), op + (b * H + h * G) * D);
+void pv_unit(const DecodeArgs& a, const Segment& seg, const T* v, const Unit& u) {
+  // Units span a multiple of 32 dims when D is one (else 8: D % 8 == 0); a part of 8 * NC dims must divide it.
+  const bool wide = (u.b - u.a) % 32 == 0;
+  switch (a.G) {
+    case 1: return wide ? pv_unit_g<T, 1, 4>(a, seg, v, u) : pv_unit_g<T, 1, 1>(a, seg, v, u);
+    case 2: return wide ? pv_unit_g<T, 2, 4>(a, seg, v, u) : pv_unit_g<T, 2, 1>(a, seg, v, u);
+    case 3: return wide ? pv_unit_g<T, 3, 4>(a, seg, v, u) : pv_unit_g<T, 3, 1>(a, seg, v, u);
+    case 4: return wide ? pv_unit_g<T, 4, 2>(a, seg, v, u) : pv_unit_g<T, 4, 1>(a, seg, v, u);
+    case 5: return wide ? pv_unit_g<T, 5, 2>(a, seg, v, u) : pv_unit_g<T, 5, 1>(a, seg, v, u);
+    case 6: return wide ? pv_unit_g<T, 6, 2>(a, seg, v, u) : pv_unit_g<T, 6, 1>(a, seg, v, u);
+    case 7: return pv_unit_g<T, 7, 1>(a, seg, v, u);
+    case 8: return pv_unit_g<T, 8, 1>(a, seg, v, u);
+    default: return pv_unit_g<T, 0, 1>(a, seg, v, u);
+  }
+}
+
+// Segments: prefix ones (entries with shared > 0, by src), then own ones (entries with len > shared, by row).
+std::vector<Segment> make_segments(const DecodeArgs& a, int64_t B) {
+  std::vector<Segment> segs;
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool prefix = pass == 0;
+    const size_t first = segs.size();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t lo = prefix ? 0 : a.shared[b], hi = prefix ? a.shared[b] : a.len[b];
+      if (lo >= hi) continue;
+      const int64_t r = prefix ? a.src[b] : a.row[b];
+      size_t i = first;
+      while (i < segs.size() && segs[i].row != r) ++i;
+      if (i == segs.size()) segs.push_back(Segment{r, prefix, {}, lo, hi});
+      segs[i].members.push_back(b);
+      segs[i].lo = std::min(segs[i].lo, lo), segs[i].hi = std::max(segs[i].hi, hi);
     }
-  });
+  }
+  return segs;
+}
+
+template <typename T>
+void decode_step(const DecodeArgs& a, int64_t B, const T* k, const T* v) {
+  const std::vector<Segment> segs = make_segments(a, B);
+  std::vector<Unit> scores, pv_prefix, pv_own;
+  for (int32_t i = 0; i < int32_t(segs.size()); ++i) {
+    for (int32_t h = 0; h < a.Hkv; ++h) {
+      for (int64_t s = segs[i].lo / 8 * 8; s < segs[i].hi; s += kScoreChunk) scores.push_back({i, h, s, std::min(segs[i].hi, s + kScoreChunk)});
+      for (int64_t d = 0; d < a.D; d += kOutDims) (segs[i].prefix ? pv_prefix : pv_own).push_back({i, h, d, std::min(a.D, d + kOutDims)});
+    }
+  }
+  const int64_t rows = B * a.H;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(scores.size()))));
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (size_t i = 0; i < scores.size(); ++i) score_unit(a, segs[scores[i].seg], k, scores[i]);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < rows; ++r) {
+      softmax_inplace(a.p + r * a.Lmax, a.len[r / a.H]);
+      std::fill(a.out + r * a.D, a.out + (r + 1) * a.D, 0.0f);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (size_t i = 0; i < pv_prefix.size(); ++i) pv_unit(a, segs[pv_prefix[i].seg], v, pv_prefix[i]);
+#pragma omp for schedule(dynamic, 1)
+    for (size_t i = 0; i < pv_own.size(); ++i) pv_unit(a, segs[pv_own[i].seg], v, pv_own[i]);
+  }
 }
 
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& rows, const at::Tensor& lens, double scale) {
+                            const at::Tensor& rows, const at::Tensor& lens, const at::Tensor& srcs,
+                            const at::Tensor& shared, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous fp32 [B, H, D]");
   TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() && v.sizes() == k.sizes() &&
               v.scalar_type() == k.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf),
               "k, v: contiguous fp32 or fp16 [R, Hkv, S, D]");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && rows.is_contiguous() &&
-              lens.is_contiguous() && rows.numel() == q.size(0) && lens.numel() == q.size(0), "rows, lens: int64 [B]");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), R = k.size(0), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(3) == D && D % 8 == 0, "head_dim must match and be a multiple of 8");
+  for (const at::Tensor* t : {&rows, &lens, &srcs, &shared}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == B,
+                "rows, lens, srcs, shared: int64 [B]");
+  }
+  TORCH_CHECK(k.size(3) == D && D % 8 == 0 && D <= kMaxDim, "head_dim must match, be a multiple of 8, at most 256");
   TORCH_CHECK(H % Hkv == 0 && H / Hkv <= kMaxGroup, "query heads must be a multiple of kv heads (at most 16x)");
-  const int64_t* row = rows.data_ptr<int64_t>();
-  const int64_t* len = lens.data_ptr<int64_t>();
+  const int64_t *row = rows.data_ptr<int64_t>(), *len = lens.data_ptr<int64_t>();
+  const int64_t *src = srcs.data_ptr<int64_t>(), *sh = shared.data_ptr<int64_t>();
+  int64_t Lmax = 1;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(row[b] >= 0 && row[b] < R && len[b] >= 1 && len[b] <= S, "row or length out of the cache's range");
+    TORCH_CHECK(row[b] >= 0 && row[b] < R && src[b] >= 0 && src[b] < R && len[b] >= 1 && len[b] <= S,
+                "row or length out of the cache's range");
+    TORCH_CHECK(sh[b] >= 0 && sh[b] <= len[b], "shared must be within [0, len]");
+    Lmax = std::max(Lmax, len[b]);
   }
   at::Tensor out = at::empty_like(q);
-  const float sc = static_cast<float>(scale);
+  // Scores for the whole step, per calling thread, kept across calls (a fresh ~0.3 MB would be mapped and
+  // faulted in at every layer).
+  thread_local std::vector<float> scratch;
+  if (int64_t(scratch.size()) < B * H * Lmax) scratch.resize(B * H * Lmax);
+  const DecodeArgs a{q.data_ptr<float>(), out.data_ptr<float>(), scratch.data(), row, len, src, sh,
+                     H, Hkv, H / Hkv, S, D, Lmax, static_cast<float>(scale)};
   if (k.scalar_type() == at::kHalf) {
-    attend_all(q, reinterpret_cast<const uint16_t*>(k.data_ptr()), reinterpret_cast<const uint16_t*>(v.data_ptr()),
-               row, len, Hkv, S, sc, out);
+    decode_step(a, B, reinterpret_cast<const uint16_t*>(k.data_ptr()), reinterpret_cast<const uint16_t*>(v.data_ptr()));
   } else {
-    attend_all(q, k.data_ptr<float>(), v.data_ptr<float>(), row, len, Hkv, S, sc, out);
+    decode_step(a, B, k.data_ptr<float>(), v.data_ptr<float>());
   }
   return out;
 }
@@ -806,7 +977,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("rms_norm", &rms_norm, "RMSNorm of the rows of x (fp32)");
   mod.def("rope_qkv", &rope_qkv, "q, k, v [B, heads, T, D] from a fused qkv projection, q and k rotated (RoPE)");
   mod.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
-  mod.def("decode_attention", &decode_attention, "one query per sequence over its cached keys/values (GQA)");
+  mod.def("decode_attention", &decode_attention,
+          "one query per entry over its cached keys/values (GQA), shared prefixes read once");
   mod.def("prefill_attention", &prefill_attention, "T queries of one sequence over its fp16 cache (AVX-512 BF16)");
   mod.def("int8_linear_bf16", &int8_linear_bf16,
           "int8 weights x many fp32 rows via bf16 dot products (AVX-512 BF16)");

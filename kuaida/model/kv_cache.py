@@ -3,6 +3,8 @@
 The engine decides which row serves which conversation and how long a prefix stays cached."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from kuaida import kernels
@@ -25,6 +27,18 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.batch, self.max_seq = batch, max_seq
+        self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def sharing(self, srcs: torch.Tensor, shared: torch.Tensor):
+        """Within this block, decode steps whose batch has len(srcs) entries read entry b's first
+        shared[b] positions from row srcs[b] (int64 [B] each), which the caller guarantees to hold the same
+        keys and values as the entry's own row there: one read of a prefix that several rows copied."""
+        before, self._shared = self._shared, (srcs, shared)
+        try:
+            yield
+        finally:
+            self._shared = before
 
     @classmethod
     def for_model(cls, args, batch: int = 1, max_seq: int | None = None,
@@ -81,7 +95,8 @@ class KVCache:
         kc, vc = self.k[layer], self.v[layer]
         kc[rows, :, positions] = k[:, :, 0].to(kc.dtype)
         vc[rows, :, positions] = v[:, :, 0].to(vc.dtype)
-        return kernels.decode_attention(q[:, :, 0], kc, vc, rows, positions + 1)[:, :, None]
+        srcs, shared = self._shared if self._shared and len(self._shared[0]) == len(rows) else (None, None)
+        return kernels.decode_attention(q[:, :, 0], kc, vc, rows, positions + 1, srcs, shared)[:, :, None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
