@@ -23,6 +23,13 @@ cache (SmolLM2-135M's heads: 9 query, 3 kv, head_dim 64; 30 layers, each its own
 (AVX-512 BF16):
 
     python -m kuaida.kernels.bench --attention 19x422 47x1272 60x1179 300x1179 1000x1000 --repeats 21
+
+--decode SPEC ... times `kernels.decode_attention` (one batched decode step, 30 layers, fp16 caches of their
+own): RxL = R rows of L keys each; RxL+P = the same, the first P keys of every row a copy of row 0's (a shared
+system prompt), timed read per row and read once (srcs, shared); 1xLdK = one row at L keys with K prompt-
+lookup drafts (1 + K entries at consecutive positions):
+
+    python -m kuaida.kernels.bench --decode 1x1200 8x840 8x600+403 8x840+403 8x1200+403 1x1200d7 --repeats 21
 """
 from __future__ import annotations
 
@@ -165,6 +172,61 @@ def attention_main(shapes: list[str], repeats: int) -> None:
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
+Step = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def decode_case(spec: str) -> Step:
+    """SPEC -> (cache rows, rows, lens, srcs, shared) of one step (see --decode)."""
+    if "d" in spec:
+        (r, length), drafts = map(int, spec.split("d")[0].split("x")), int(spec.split("d")[1])
+        n = 1 + drafts
+        return 1, torch.zeros(n, dtype=torch.long), torch.arange(length, length + n), None, None
+    head, _, prefix = spec.partition("+")
+    r, length = map(int, head.split("x"))
+    rows, lens = torch.arange(r), torch.full((r,), length)
+    if not prefix:
+        return r, rows, lens, None, None
+    return r, rows, lens, torch.zeros(r, dtype=torch.long), torch.full((r,), int(prefix))
+
+
+def decode_main(specs: list[str], repeats: int) -> None:
+    if not kernels.available():
+        raise SystemExit("the kuaida kernels are not available on this machine")
+    H, Hkv, D = ATTENTION_HEADS
+    print(f"threads={torch.get_num_threads()}, {repeats} repeats, heads {ATTENTION_HEADS} (query, kv, dim), "
+          f"fp16 cache, load average {os.getloadavg()[0]:.2f}; ms per step of 30 layers, median (best)\n")
+    print("| step | entries | read per row | shared prefix read once | speedup |")
+    print("| --- | --- | --- | --- | --- |")
+    cases = {spec: decode_case(spec) for spec in specs}
+    # One cache for all steps, shaped like the server's (spare rows and positions, allocated once: fresh
+    # per-step tensors made later steps up to 1.6x slower in one run).
+    R = max(c[0] for c in cases.values()) + 2
+    S = max(int(c[2].max()) for c in cases.values()) + 512
+    layers = [(torch.randn(R, Hkv, S, D).half(), torch.randn(R, Hkv, S, D).half()) for _ in range(N_LAYERS)]
+    for spec, (n_rows, rows, lens, srcs, shared) in cases.items():
+        if shared is not None:  # rows 1.. hold copies of row 0's prefix (as Scheduler._copy_prefix makes)
+            p = int(shared[0])
+            for k, v in layers:
+                k[1:n_rows, :, :p], v[1:n_rows, :, :p] = k[:1, :, :p], v[:1, :, :p]
+        q = torch.randn(len(rows), H, D)
+        ways = {"per row": (None, None)} | ({"shared": (srcs, shared)} if shared is not None else {})
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for i in range(repeats + 1):  # the first round warms up; ways take turns
+            for name, (sr, sh) in ways.items():
+                t0 = time.perf_counter()
+                for k, v in layers:
+                    kernels.decode_attention(q, k, v, rows, lens, sr, sh)
+                if i:
+                    times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        cells = [f"{med[name]:.2f} ({min(times[name]) * 1e3:.2f})" for name in times]
+        shared_cell, speedup = ("—", "—")
+        if len(cells) > 1:
+            shared_cell, speedup = cells[1], f"{med['per row'] / med['shared']:.2f}x"
+        print(f"| {spec} | {len(rows)} | {cells[0]} | {shared_cell} | {speedup} |", flush=True)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 43, 256])
@@ -173,10 +235,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-head", action="store_true", help="leave out the 49152 x 576 output layer")
     p.add_argument("--attention", nargs="+", metavar="TxS", help="time prefill attention at these shapes")
+    p.add_argument("--decode", nargs="+", metavar="SPEC",
+                   help="time decode attention steps (RxL, RxL+P, 1xLdK)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.attention:
         return attention_main(args.attention, args.repeats)
+    if args.decode:
+        return decode_main(args.decode, args.repeats)
     if not kernels.available():
         raise SystemExit("the kuaida kernels are not available on this machine")
     built = {spec: build(spec, not args.no_head) for spec in args.formats}
