@@ -384,6 +384,23 @@ def test_write_kv_fp16_matches_torch_indexed_write():
 
 
 @needs_kernels
+def test_write_kv_rows_fp16_matches_torch_indexed_write():
+    """A decode step's keys/values (one per row and position, as KVCache.decode writes them) in C++."""
+    torch.manual_seed(0)
+    kc, vc = torch.zeros(4, 3, 32, 64, dtype=torch.float16), torch.zeros(4, 3, 32, 64, dtype=torch.float16)
+    want_k, want_v = kc.clone(), vc.clone()
+    rows, pos = torch.tensor([2, 0, 2]), torch.tensor([5, 31, 6])  # a row twice: a token and its draft
+    k = torch.randn(3, 1, 3, 64).transpose(1, 2)  # [B, Hkv, 1, D] with the model's strides
+    v = torch.randn(3, 3, 1, 64)
+    assert kernels.write_kv_rows_fp16(kc, vc, rows, pos, k, v)
+    want_k[rows, :, pos], want_v[rows, :, pos] = k[:, :, 0].half(), v[:, :, 0].half()
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    with pytest.raises(RuntimeError, match="out of the cache's range"):
+        kernels.write_kv_rows_fp16(kc, vc, torch.tensor([4]), torch.tensor([0]), k[:1], v[:1])
+    assert not kernels.write_kv_rows_fp16(kc.float(), vc.float(), rows, pos, k, v)  # fp32 cache: torch writes
+
+
+@needs_kernels
 def test_place_passage_matches_the_torch_rotation():
     torch.manual_seed(0)
     L, H, T, D, S, row, start = 3, 3, 13, 64, 64, 1, 20

@@ -279,6 +279,19 @@ def write_kv_fp16(kc: torch.Tensor, vc: torch.Tensor, row: int, positions: torch
     return True
 
 
+def write_kv_rows_fp16(kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor) -> bool:
+    """A decode step's k, v [B, Hkv, 1, D] fp32: entry b's into row rows[b] of an fp16 cache kc, vc
+    [R, Hkv, S, D] at positions[b] (int64 [B] each); -> False (nothing written) where the kernels are not in
+    use or the layouts do not fit, and the caller writes with torch."""
+    ext = _load("attention")
+    if (ext is None or kc.dtype != torch.float16 or not kc.is_contiguous() or k.dtype != torch.float32
+            or v.dtype != torch.float32 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.shape[-1] % 8):
+        return False
+    ext.write_kv_rows_fp16(kc, vc, rows.contiguous(), positions.contiguous(), k, v)
+    return True
+
+
 def place_passage(kcs: list[torch.Tensor], vcs: list[torch.Tensor], row: int, start: int, k: torch.Tensor,
                   v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """A passage's k, v ([L, Hkv, T, D] fp16) into row `row` of every layer's fp16 cache from `start`, each

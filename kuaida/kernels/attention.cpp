@@ -809,6 +809,39 @@ void write_kv_fp16(at::Tensor kc, at::Tensor vc, int64_t row, const at::Tensor& 
   }
 }
 
+// A decode step's new keys and values: entry b's k, v [B, Hkv, 1, D] fp32 (any strides, d contiguous) into
+// row rows[b] of kc, vc [R, Hkv, S, D] fp16 at position pos[b]. Why: two index_put calls with their fp16
+// copies cost ~20 us per layer and step, more than the attention over a short history.
+void write_kv_rows_fp16(at::Tensor kc, at::Tensor vc, const at::Tensor& rows, const at::Tensor& positions,
+                        const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(kc.dim() == 4 && kc.scalar_type() == at::kHalf && kc.is_contiguous() && vc.is_contiguous() &&
+              vc.sizes() == kc.sizes() && vc.scalar_type() == at::kHalf, "kc, vc: contiguous fp16 [R, Hkv, S, D]");
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && k.size(2) == 1 &&
+              k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.stride(3) == 1 && v.stride(3) == 1,
+              "k, v: fp32 [B, Hkv, 1, D], d contiguous");
+  const int64_t R = kc.size(0), Hkv = kc.size(1), S = kc.size(2), D = kc.size(3), B = k.size(0);
+  TORCH_CHECK(k.size(1) == Hkv && k.size(3) == D && D % 8 == 0, "k, v must match the cache's heads and head_dim");
+  for (const at::Tensor* t : {&rows, &positions}) {
+    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == B,
+                "rows, positions: int64 [B]");
+  }
+  const int64_t *row = rows.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(row[b] >= 0 && row[b] < R && pos[b] >= 0 && pos[b] < S, "row or position out of the cache's range");
+  }
+  uint16_t* kd = reinterpret_cast<uint16_t*>(kc.data_ptr());
+  uint16_t* vd = reinterpret_cast<uint16_t*>(vc.data_ptr());
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t dst = ((row[b] * Hkv + h) * S + pos[b]) * D;
+      fp32_to_fp16_row(kp + b * k.stride(0) + h * k.stride(1), kd + dst, D);
+      fp32_to_fp16_row(vp + b * v.stride(0) + h * v.stride(1), vd + dst, D);
+    }
+  }
+}
+
 // A passage's keys and values, encoded at other positions, into cache row `row` from position `start`:
 // k, v [L, Hkv, T, D] fp16 contiguous; kcs[l], vcs[l] the cache's [R, Hkv, S, D] fp16 of layer l. Each key
 // is rotated by the position shift (RoPE: R(p + d) k = R(d) R(p) k) with cos, sin [D / 2] fp32:
@@ -984,5 +1017,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "int8 weights x many fp32 rows via bf16 dot products (AVX-512 BF16)");
   mod.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether the CPU can run prefill_attention");
   mod.def("write_kv_fp16", &write_kv_fp16, "one sequence's keys/values into an fp16 cache row at given positions");
+  mod.def("write_kv_rows_fp16", &write_kv_rows_fp16, "a decode step's keys/values, one per (row, position)");
   mod.def("place_passage", &place_passage, "a passage's keys (rotated by a position shift) and values into a cache row");
 }

@@ -93,8 +93,9 @@ class KVCache:
         -> [B, H, 1, D]. One kernel call for the batch, reading each history in place (gathering the rows
         into a padded batch would copy every history at every layer and step)."""
         kc, vc = self.k[layer], self.v[layer]
-        kc[rows, :, positions] = k[:, :, 0].to(kc.dtype)
-        vc[rows, :, positions] = v[:, :, 0].to(vc.dtype)
+        if not kernels.write_kv_rows_fp16(kc, vc, rows, positions, k, v):
+            kc[rows, :, positions] = k[:, :, 0].to(kc.dtype)
+            vc[rows, :, positions] = v[:, :, 0].to(vc.dtype)
         srcs, shared = self._shared if self._shared and len(self._shared[0]) == len(rows) else (None, None)
         return kernels.decode_attention(q[:, :, 0], kc, vc, rows, positions + 1, srcs, shared)[:, :, None]
 
