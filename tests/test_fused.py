@@ -11,7 +11,7 @@ from kuaida import kernels
 from kuaida.compress.quantize import quantize
 from kuaida.engine.generate import Engine
 from kuaida.engine.sampling import SamplingParams
-from kuaida.model.fused import FusedAttention, FusedFeedForward, FusedRMSNorm, fuse
+from kuaida.model.fused import DecodePlan, FusedAttention, FusedFeedForward, FusedRMSNorm, decode_plan, fuse
 from kuaida.model.loader import load_model
 from kuaida.model.transformer import RMSNorm, rotate_half
 
@@ -107,3 +107,41 @@ def test_fused_greedy_reply_close_to_plain(tiny_llama_dir):
 def test_fuse_leaves_other_models_alone():
     gru = torch.nn.GRU(4, 4)
     assert fuse(gru) is gru and type(gru) is torch.nn.GRU
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+def test_decode_plan_gives_the_models_logits_bit_for_bit(tiny_qwen2_dir, dtype):
+    """The module-free decode step: batched rows at their own positions (one row twice, a token and its
+    draft), fp16 or fp32 cache, Qwen2's q/k/v biases; logits equal model(...) exactly."""
+    loaded = load_model(str(tiny_qwen2_dir))
+    model = fuse(loaded.model if dtype == "fp32" else quantize(loaded.model, dtype))
+    plan = decode_plan(model)
+    assert isinstance(plan, DecodePlan)
+    cache = model.new_cache(batch=3, max_seq=32)
+    tokens = torch.randint(3, 200, (3, 12))
+    with torch.inference_mode():
+        for r in range(3):
+            model(tokens[r:r + 1, :8 + r], torch.arange(8 + r)[None], cache, rows=slice(r, r + 1))
+        step = (tokens[:, 8:9].repeat(2, 1)[:4], torch.tensor([[8], [9], [10], [9]]),
+                torch.tensor([0, 1, 2, 0]))
+        want = model(step[0], step[1], copy.deepcopy(cache), rows=step[2], last_only=True)
+        got = plan(step[0], step[1], cache, step[2])
+    assert torch.equal(got, want)
+    assert decode_plan(load_model(str(tiny_qwen2_dir)).model) is None  # not fused: the model's own path
+
+
+@needs_kernels
+def test_engine_uses_the_decode_plan_with_the_same_reply(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    model = fuse(copy.deepcopy(loaded.model))
+    eos = {loaded.tokenizer.eos_token_id}
+    prompt = torch.randint(3, 250, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    engine = Engine(model, eos, max_context=64)
+    assert isinstance(engine.decode_step, DecodePlan)
+    with_plan = list(engine.generate(prompt, params))
+    engine = Engine(model, eos, max_context=64)
+    engine.decode_step = lambda tokens, positions, cache, rows: model(tokens, positions, cache, rows=rows,
+                                                                      last_only=True)
+    assert list(engine.generate(prompt, params)) == with_plan and len(with_plan) > 0

@@ -7,6 +7,7 @@ tokens.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 from typing import Sequence as Seq
@@ -16,6 +17,7 @@ import torch
 from kuaida.engine.lookup import LookupConfig, NgramIndex
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.sequence import GenerationStats, Sequence
+from kuaida.model.fused import decode_plan
 from kuaida.model.kv_cache import KVCache
 
 # Prefill long prompts in chunks: bounds the attention mask and activations ([T, S] per head).
@@ -90,6 +92,12 @@ def prefill_prompt(model: torch.nn.Module, cache, prompt: list[int], n_cached: i
     return logits
 
 
+def model_step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache,
+                rows) -> torch.Tensor:
+    """A decode step through the model's forward: tokens, positions [B, 1] -> logits [B, 1, V]."""
+    return model(tokens, positions, cache, rows=rows, last_only=True)
+
+
 @dataclass
 class LookupStats:
     """Prompt lookup so far: verify steps, tokens drafted, drafted tokens that greedy decoding kept."""
@@ -109,11 +117,15 @@ class Engine:
         self.passages = None  # a kuaida.engine.passages.PassageCache: passage spans come from it
         self.lookup: LookupConfig | None = None  # prompt-lookup drafts (use_prompt_lookup), off by default
         self.lookup_stats = LookupStats()
+        # Decode steps without module calls where the model allows (kuaida.model.fused.DecodePlan): the
+        # model is final once an Engine runs it.
+        self.decode_step = decode_plan(model) or functools.partial(model_step, model)
 
     @torch.inference_mode()
     def decode_one(self, token: int, pos: int) -> torch.Tensor:
         """One new token at position `pos` -> logits [1, V]."""
-        return self.model(torch.tensor([[token]]), torch.tensor([[pos]]), self.cache)[:, -1]
+        tokens, positions = torch.tensor([[token]]), torch.tensor([[pos]])
+        return self.decode_step(tokens, positions, self.cache, slice(0, 1))[:, -1]
 
     def start(self, seq: Sequence) -> torch.Tensor:
         """Prefill what the cache lacks of the prompt; -> the logits of its last token."""
@@ -193,7 +205,7 @@ class Engine:
         tokens = torch.tensor(ids)[:, None]  # [n, 1]
         positions = torch.arange(pos, pos + n)[:, None]  # [n, 1]
         rows = torch.zeros(n, dtype=torch.long)  # all on cache row 0
-        return self.model(tokens, positions, self.cache, rows=rows)[:, -1]
+        return self.decode_step(tokens, positions, self.cache, rows)[:, -1]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  stats: GenerationStats | None = None, spans: Seq[tuple[int, int]] = ()) -> Iterator[int]:
