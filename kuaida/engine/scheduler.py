@@ -244,8 +244,10 @@ class Scheduler:
             # A busy slot may hold a longer shared prefix (conversations that start together): the KV of its
             # cached tokens is final, it only writes past them.
             busy = [s for s in self.slots if s.busy]
-            if busy and (n_busy := max(common_prefix(s.cached_ids, prompt_ids) for s in busy)) > n:
-                best, n = next(s for s in busy if common_prefix(s.cached_ids, prompt_ids) == n_busy), n_busy
+            if busy:
+                longest = max(busy, key=lambda s: common_prefix(s.cached_ids, prompt_ids))
+                if (n_busy := common_prefix(longest.cached_ids, prompt_ids)) > n:
+                    best, n = longest, n_busy
             victim = min(idle, key=lambda s: (len(s.cached_ids) > 0, s.last_used))
             if n > 0 and victim is not best:
                 self._copy_prefix(best, victim, n)
@@ -343,13 +345,13 @@ class Scheduler:
             if len(members) > 1:
                 n = min(a.slot.prefix[1] for a in members)
                 src.update((id(a), (members[0].slot.row, n)) for a in members)
+        if not src or not hasattr(self.cache, "sharing"):
+            return contextlib.nullcontext()
         srcs, shared = [], []
         for a, d in zip(batch, drafts):
             row, n = src.get(id(a), (a.slot.row, 0))
             srcs += [row] * (1 + len(d))
             shared += [n] * (1 + len(d))
-        if not src or not hasattr(self.cache, "sharing"):
-            return contextlib.nullcontext()
         return self.cache.sharing(torch.tensor(srcs), torch.tensor(shared))
 
     def _drafts(self, batch: list[Active]) -> list[list[int]]:

@@ -73,12 +73,11 @@ class DecodePlan:
     def __init__(self, model: Transformer) -> None:
         self.model = model
         self.embed = model.embed_tokens.weight
-        self.layers = [(blk.input_layernorm.weight.detach(), blk.input_layernorm.eps, blk.self_attn.qkv_proj,
-                        blk.self_attn.o_proj, blk.post_attention_layernorm.weight.detach(),
-                        blk.post_attention_layernorm.eps, blk.mlp.gate_up_proj, blk.mlp.down_proj)
+        self.layers = [(blk.input_layernorm.weight.detach(), blk.input_layernorm.eps,
+                        _direct(blk.self_attn.qkv_proj), _direct(blk.self_attn.o_proj),
+                        blk.post_attention_layernorm.weight.detach(), blk.post_attention_layernorm.eps,
+                        _direct(blk.mlp.gate_up_proj), _direct(blk.mlp.down_proj))
                        for blk in model.layers]
-        self.layers = [(n1, e1, _direct(qkv), _direct(o), n2, e2, _direct(gu), _direct(down))
-                       for n1, e1, qkv, o, n2, e2, gu, down in self.layers]
         self.heads = (model.layers[0].self_attn.n_heads, model.layers[0].self_attn.n_kv_heads)
         self.norm = (model.norm.weight.detach(), model.norm.eps)
         self.lm_head = _direct(model.lm_head)
