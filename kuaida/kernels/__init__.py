@@ -266,16 +266,22 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: in
     return F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, enable_gqa=True)[0]
 
 
+def _fp16_write_fits(kc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the C++ cache writes take these: kernels in use, a contiguous fp16 cache, fp32 k and v with
+    contiguous head dims (a multiple of 8)."""
+    return (_load("attention") is not None and kc.dtype == torch.float16 and kc.is_contiguous()
+            and k.dtype == torch.float32 and v.dtype == torch.float32 and k.stride(-1) == 1
+            and v.stride(-1) == 1 and k.shape[-1] % 8 == 0)
+
+
 def write_kv_fp16(kc: torch.Tensor, vc: torch.Tensor, row: int, positions: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> bool:
     """k, v [Hkv, T, D] fp32 into row `row` of an fp16 cache kc, vc [R, Hkv, S, D] at `positions` [T] (gaps
     allowed) in one C++ loop; -> False (nothing written) where the kernels are not in use or the layouts
     do not fit, and the caller writes with torch."""
-    ext = _load("attention")
-    if (ext is None or kc.dtype != torch.float16 or not kc.is_contiguous() or k.dtype != torch.float32
-            or v.dtype != torch.float32 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.shape[-1] % 8):
+    if not _fp16_write_fits(kc, k, v):
         return False
-    ext.write_kv_fp16(kc, vc, row, positions.contiguous(), k, v)
+    _load("attention").write_kv_fp16(kc, vc, row, positions.contiguous(), k, v)
     return True
 
 
@@ -284,11 +290,9 @@ def write_kv_rows_fp16(kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor, p
     """A decode step's k, v [B, Hkv, 1, D] fp32: entry b's into row rows[b] of an fp16 cache kc, vc
     [R, Hkv, S, D] at positions[b] (int64 [B] each); -> False (nothing written) where the kernels are not in
     use or the layouts do not fit, and the caller writes with torch."""
-    ext = _load("attention")
-    if (ext is None or kc.dtype != torch.float16 or not kc.is_contiguous() or k.dtype != torch.float32
-            or v.dtype != torch.float32 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.shape[-1] % 8):
+    if not _fp16_write_fits(kc, k, v):
         return False
-    ext.write_kv_rows_fp16(kc, vc, rows.contiguous(), positions.contiguous(), k, v)
+    _load("attention").write_kv_rows_fp16(kc, vc, rows.contiguous(), positions.contiguous(), k, v)
     return True
 
 
