@@ -140,6 +140,7 @@ def test_no_avx512_env_switch(monkeypatch):
     one where the CPU has it (whose fp32 sums, in another order, differ in the last bits)."""
     wargs, _, _ = make("int8", 77, 576)
     x, bias = inputs(3, 576, 77, True)
+    monkeypatch.setenv("KUAIDA_NO_BF16_DECODE", "1")  # int8 rows stay on the integer kernel
     monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
     assert not kernels.avx512()
     y2 = kernels.int8_linear(x, *wargs, bias)
@@ -190,7 +191,7 @@ def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, no_avx512, threads, 
         monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the thresholds depend on it
     bf16_rows = kernels.bf16_gemm_min_rows(dtype, kernels.avx512())
-    fused = dtype == "int8" and m >= kernels.FUSED_INT8_MIN_ROWS and kernels.fused_int8()
+    fused = dtype == "int8" and kernels.fused_int8()  # bf16 kernels at every row count
     y = op(x, *wargs, bias)
     monkeypatch.setattr(kernels, "_load", lambda: None)
     fallback = op(x, *wargs, bias)
@@ -238,9 +239,48 @@ def test_fused_int8_dispatch_and_switch(monkeypatch):
     monkeypatch.setenv("KUAIDA_NO_FUSED_INT8", "1")
     assert not kernels.fused_int8() and not torch.equal(kernels.int8_linear(x, q, d), fused)
     monkeypatch.delenv("KUAIDA_NO_FUSED_INT8")
-    fewer = x[:-1]  # below the threshold: the integer kernel
-    assert not torch.equal(kernels.int8_linear(fewer, q, d),
-                           kernels._load("attention").int8_linear_bf16(fewer, q, d, None))
+    fewer = x[:-1]  # below the threshold: the few-rows kernel, which sums in another order
+    rows = kernels._load("attention").int8_linear_bf16_rows(fewer, q, d, None)
+    assert torch.equal(kernels.int8_linear(fewer, q, d), rows)
+    assert not torch.equal(rows, kernels._load("attention").int8_linear_bf16(fewer, q, d, None))
+    with kernels.row_independent():  # any row count
+        assert torch.equal(kernels.int8_linear(x, q, d),
+                           kernels._load("attention").int8_linear_bf16_rows(x, q, d, None))
+    monkeypatch.setenv("KUAIDA_NO_BF16_DECODE", "1")
+    assert torch.equal(kernels.int8_linear(fewer, q, d), kernels._load().int8_linear(fewer, q, d, None, True))
+
+
+@needs_fused
+@pytest.mark.parametrize("n, k, group", [(192, 576, 32), (13, 96, 32), (100, 256, 64), (77, 1536, 32)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_rows_kernel_matches_the_reference_and_is_row_independent(n, k, group, threads):
+    """int8_linear_bf16_rows (decode): within bf16 rounding of the exact product at 1-33 rows (full and
+    partial 8-row tiles, an odd N for the single-weight-row tail, 3-d input, with and without bias), equal to
+    the product of bf16-rounded inputs up to fp32 summation order, and each row's output bitwise the same as
+    that row alone, whatever the rows around it and the thread count."""
+    torch.manual_seed(n + k)
+    q, d = ref.quantize_int8(torch.randn(n, k), group)
+    deq = ref.dequantize_int8(q, d)
+    ext = kernels._load("attention")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, bias = torch.randn(33, k), torch.randn(n)
+        alone = {b is None: torch.cat([ext.int8_linear_bf16_rows(x[i:i + 1], q, d, b) for i in range(33)])
+                 for b in (bias, None)}
+        for m in (1, 3, 4, 7, 8, 9, 16, 33):
+            for b in (bias, None):
+                got = ext.int8_linear_bf16_rows(x[:m][None], q, d, b)[0]
+                want = F.linear(x[:m], deq, b)
+                assert ((got - want).abs() <= 2**-7 * 1.01 * F.linear(x[:m].abs(), deq.abs()) + 1e-5).all()
+                bf16_inputs = F.linear(x[:m].bfloat16().double(), deq.bfloat16().double(),
+                                       None if b is None else b.double())
+                assert (got - bf16_inputs).abs().max() < 1e-4 * (1 + bf16_inputs.abs().max())
+                assert torch.equal(got, alone[b is None][:m])
+                window = ext.int8_linear_bf16_rows(x[m - 1:m + 2], q, d, b)
+                assert torch.equal(window, alone[b is None][m - 1:m + 2])
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernels

@@ -5,7 +5,8 @@
 (prefill), where dequantizing the layer and calling a GEMM library is faster: bf16 GEMM (oneDNN) on CPUs
 with native bf16 dot products (AVX512-BF16), fp32 GEMM (MKL) elsewhere. Thresholds are measured
 (benchmarks/results/kernels.md). The integer kernel has an AVX-512 VNNI path, used where the CPU has it
-unless KUAIDA_NO_AVX512=1 (then the AVX2 one). Without the kernels (no compiler, no AVX2,
+unless KUAIDA_NO_AVX512=1 (then the AVX2 one). On CPUs with AVX512-BF16, int8 layers take bf16 dot-product
+kernels at every row count instead (`fused_int8`). Without the kernels (no compiler, no AVX2,
 KUAIDA_NO_KERNELS=1) both go to `reference`: the same weights, fp32 activations, slower.
 """
 from __future__ import annotations
@@ -181,8 +182,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
     if ext is None:
         return reference.int8_linear(x.float(), q, d, bias)
     wide = avx512()
-    if x.numel() >= FUSED_INT8_MIN_ROWS * x.shape[-1] and _batch_paths() and fused_int8():
-        return _load("attention").int8_linear_bf16(_fp32(x), q, d, bias)
+    if fused_int8():
+        if x.numel() >= FUSED_INT8_MIN_ROWS * x.shape[-1] and _batch_paths():
+            return _load("attention").int8_linear_bf16(_fp32(x), q, d, bias)
+        if os.environ.get("KUAIDA_NO_BF16_DECODE") != "1":
+            return _load("attention").int8_linear_bf16_rows(_fp32(x), q, d, bias)
     if _batch_paths() and (gemm := _gemm_dtype(x, "int8", q.shape[0], wide)) is not None:
         return _gemm(x, ext.int8_dequantize(q, d, weight_buffer(*q.shape, gemm), wide), bias)
     return ext.int8_linear(_fp32(x), q, d, bias, wide)
@@ -233,9 +237,11 @@ def _has_avx512_bf16_attention() -> bool:
 
 
 def fused_int8() -> bool:
-    """True when int8 layers take the fused AVX-512 BF16 kernel for many rows: native bf16 (AVX512-BF16),
-    the AVX-512 paths on (KUAIDA_NO_AVX512 not 1) and KUAIDA_NO_FUSED_INT8 not 1 (read on every call: an
-    escape hatch, and A/B measurements)."""
+    """True when int8 layers take the AVX-512 BF16 kernels (attention.cpp): int8_linear_bf16 for many rows
+    (prefill), int8_linear_bf16_rows for fewer and for any count inside row_independent() (decode; unless
+    KUAIDA_NO_BF16_DECODE=1, then the integer kernel). Needs native bf16 (AVX512-BF16), the AVX-512 paths on
+    (KUAIDA_NO_AVX512 not 1) and KUAIDA_NO_FUSED_INT8 not 1 (read on every call: escape hatches, and A/B
+    measurements)."""
     return (bf16_gemm_is_fast() and avx512() and _has_avx512_bf16_attention()
             and os.environ.get("KUAIDA_NO_FUSED_INT8") != "1")
 

@@ -606,21 +606,24 @@ KUAIDA_AVX512_BF16 void prefill_task(const PrefillArgs& a, int64_t h, int64_t t0
 // Numerics: weights q * d and activations rounded to bf16 (RNE), fp32 accumulation.
 constexpr int kWRows = 12;  // weight rows per tile: 12 x 2 panels = 24 accumulators
 
+// 32 int8 weights from src times their group's scale -> 32 bf16 (RNE) in element order (bf16 pairs).
+KUAIDA_AVX512_BF16 inline __m512bh int8_block_bf16(const int8_t* src, const at::Half* scale) {
+  const __m512 sc = _mm512_set1_ps(_cvtsh_ss(scale->x));
+  const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)))), sc);
+  const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16)))), sc);
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
 // Weight rows [0, n) of q (K int8 each, scales d) -> bf16 pairs [n][K/2].
 KUAIDA_AVX512_BF16 void dequant_rows_int8(const int8_t* q, const at::Half* d, int64_t K, int64_t groups,
                                           int64_t n, uint32_t* out) {
   const int64_t per_group = K / groups;  // a multiple of 32 (group sizes are)
   for (int64_t i = 0; i < n; ++i) {
-    const int8_t* src = q + i * K;
-    uint32_t* row = out + i * (K / 2);
-    for (int64_t k0 = 0; k0 < K; k0 += 32) {
-      const __m512 sc = _mm512_set1_ps(_cvtsh_ss(d[i * groups + k0 / per_group].x));
-      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k0)))), sc);
-      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k0 + 16)))), sc);
-      _mm512_storeu_si512(row + k0 / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
+    for (int64_t k0 = 0; k0 < K; k0 += 32)
+      _mm512_storeu_si512(out + i * (K / 2) + k0 / 2,
+                          (__m512i)int8_block_bf16(q + i * K + k0, d + i * groups + k0 / per_group));
   }
 }
 
@@ -676,7 +679,116 @@ KUAIDA_AVX512_BF16 void int8_gemm_task(const Int8Gemm& g, int64_t n0, int64_t ro
   }
 }
 
+// -- int8 weights x a few rows (decode), AVX-512 BF16 ----------------------------------------------
+// y [M, N] for decode-sized M (1 .. ~16 rows), where int8_linear_bf16's 16-row panels would be mostly
+// padding. The integer kernel (qgemm.cpp) is compute-bound from ~4 rows here: per 64 weights and row it
+// takes two vpdpbusd (15-bit activations in two halves), a shift, and one int -> fp32 conversion, multiply
+// and FMA to apply the two 32-blocks' scales. Here each weight block is dequantized once into bf16 (q * d,
+// the same values int8_linear_bf16 uses) and serves every activation row of the tile with one
+// vdpbf16ps per 32 weights: no per-block scale work per row. Numerics: weights and activations rounded to
+// bf16 (RNE), each output one fp32 accumulator chain over K in order, then one fixed 16-lane reduction;
+// the arithmetic of an output is the same whatever M and whichever tile its row lands in, so a row's
+// result does not depend on the rows that share the call (what batched decoding needs).
+constexpr int kDecodeRows = 8;  // activation rows per register tile: 8 x 2 accumulators
+
+// x [M, K] fp32 -> bf16 [M, K] (pairs [M][K/2]), RNE.
+KUAIDA_AVX512_BF16 void rows_bf16(const float* x, int64_t M, int64_t K, uint32_t* out) {
+  for (int64_t i = 0; i < M * K; i += 32)
+    _mm512_storeu_si512(out + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16),
+                                                                   _mm512_loadu_ps(x + i)));
+}
+
+struct Int8Decode {
+  const uint32_t* xb;  // activations as bf16 pairs [M][K/2]
+  int64_t M, N, K, groups;
+  const int8_t* q;
+  const at::Half* d;
+  const float* bias;
+  float* out;
+};
+
+// Outputs [i0, i0 + MR) x [n0, n0 + NR): weights dequantized block by block in registers.
+// prefetch: fetch the next NR weight rows (asked on a tile's first activation tile).
+template <int MR, int NR>
+KUAIDA_AVX512_BF16 void decode_tile(const Int8Decode& g, int64_t i0, int64_t n0, bool prefetch) {
+  const int64_t K = g.K, per_group = K / g.groups;
+  const int8_t* q = g.q + n0 * K;
+  const at::Half* d = g.d + n0 * g.groups;
+  const uint32_t* x = g.xb + i0 * (K / 2);
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    if (prefetch) {
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (NR + r) * K + k0), _MM_HINT_T0);
+    }
+    __m512bh w[NR];
+    for (int r = 0; r < NR; ++r) w[r] = int8_block_bf16(q + r * K + k0, d + r * g.groups + k0 / per_group);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * (K / 2) + k0 / 2);
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], w[r], xv);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* o = g.out + (i0 + i) * g.N + n0;
+    for (int r = 0; r < NR; ++r) {
+      const float v = _mm512_reduce_add_ps(acc[i][r]);
+      o[r] = g.bias ? v + g.bias[n0 + r] : v;
+    }
+  }
+}
+
+// The last M - i0 (< MR) activation rows as one tile.
+template <int MR, int NR>
+KUAIDA_AVX512_BF16 void decode_last_tile(const Int8Decode& g, int64_t i0, int64_t n0) {
+  if constexpr (MR > 1) {
+    if (g.M - i0 == MR - 1) return decode_tile<MR - 1, NR>(g, i0, n0, i0 == 0);
+    decode_last_tile<MR - 1, NR>(g, i0, n0);
+  }
+}
+
+// NR weight rows from n0 against all M activation rows.
+template <int NR>
+KUAIDA_AVX512_BF16 void decode_rows(const Int8Decode& g, int64_t n0) {
+  int64_t i = 0;
+  for (; i + kDecodeRows <= g.M; i += kDecodeRows) decode_tile<kDecodeRows, NR>(g, i, n0, i == 0);
+  if (i < g.M) decode_last_tile<kDecodeRows, NR>(g, i, n0);
+}
+
 }  // namespace
+
+at::Tensor int8_linear_bf16_rows(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
+                                 const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "int8_linear_bf16_rows needs AVX512-BF16");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q: contiguous int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) == K && K % 32 == 0,
+              "x: contiguous fp32 [..., K], K a multiple of 32");
+  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == N &&
+              d.size(1) >= 1 && K % d.size(1) == 0 && (K / d.size(1)) % 32 == 0, "d: fp16 [N, K / group]");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "bias: contiguous fp32 [N]");
+  const int64_t M = x.numel() / K;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  if (M == 0) return y;
+  std::vector<uint32_t> xb(M * K / 2);
+  rows_bf16(x.data_ptr<float>(), M, K, xb.data());
+  const Int8Decode g{xb.data(), M, N, K, d.size(1), q.data_ptr<int8_t>(), d.data_ptr<at::Half>(),
+                     bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
+  // Threads take whole tiles of 4 weight rows, each chunk at least ~16 KiB of weights (as in qgemm.cpp).
+  constexpr int64_t kTile = 4;
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, (16384 + kTile * K - 1) / (kTile * K), [&](int64_t begin, int64_t end) {
+    const int64_t stop = std::min(end * kTile, N);
+    int64_t n = begin * kTile;
+    if (M >= 4)
+      for (; n + 2 <= stop; n += 2) decode_rows<2>(g, n);
+    for (; n < stop; ++n) decode_rows<1>(g, n);
+  });
+  return y;
+}
 
 at::Tensor int8_linear_bf16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
                             const std::optional<at::Tensor>& bias) {
@@ -1015,6 +1127,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("prefill_attention", &prefill_attention, "T queries of one sequence over its fp16 cache (AVX-512 BF16)");
   mod.def("int8_linear_bf16", &int8_linear_bf16,
           "int8 weights x many fp32 rows via bf16 dot products (AVX-512 BF16)");
+  mod.def("int8_linear_bf16_rows", &int8_linear_bf16_rows,
+          "int8 weights x a few fp32 rows via bf16 dot products, each row's result independent of the others");
   mod.def("has_avx512_bf16", &cpu_has_avx512_bf16, "whether the CPU can run prefill_attention");
   mod.def("write_kv_fp16", &write_kv_fp16, "one sequence's keys/values into an fp16 cache row at given positions");
   mod.def("write_kv_rows_fp16", &write_kv_rows_fp16, "a decode step's keys/values, one per (row, position)");
