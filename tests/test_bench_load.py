@@ -259,6 +259,17 @@ def test_unreachable_server_is_an_error():
     assert reply.status == 0 and reply.error and not reply.ok
 
 
+def test_workload_one_client_replays_the_largest_level_up_to_8():
+    work = load.Workload.make([1, 2, 8, 16], curve_runs=2, turns=3, seed=0)
+    levels = {level.clients: level.conversations for level in work.levels}
+    assert [level.clients for level in work.levels] == [1, 2, 8, 16]
+    assert levels[1] == levels[8] and len(levels[8]) == 8 and len(levels[16]) == 16
+    others = [tuple(map(tuple, c)) for c in (work.curve, levels[2], levels[8], levels[16])]
+    assert len({conv for group in others for conv in group}) == 2 + 2 + 8 + 16  # otherwise disjoint
+    alone = load.Workload.make([1, 16], curve_runs=1, turns=3, seed=0)
+    assert [len(level.conversations) for level in alone.levels] == [1, 16]
+
+
 def test_report_against_a_running_server(fake_server, tmp_path):
     report = load.run_load(url=fake_server.url, clients=[1, 2], settings=LoadSettings(turns=3),
                            curve_runs=2, peers=False)
@@ -269,7 +280,9 @@ def test_report_against_a_running_server(fake_server, tmp_path):
     for key in ("requests", "ttft_ms", "output_tokens", "output_tok_s", "wall_s", "speedup_vs_1_client",
                 "last_turn_history_tokens", "other_cpu_cores"):
         assert all(key in r for r in rows), key
-    assert rows[1]["requests"] == 6
+    # One client replays the 2-client level's conversations one by one: the same requests.
+    assert rows[0]["conversations"] == rows[1]["conversations"] == 2
+    assert rows[0]["requests"] == rows[1]["requests"] == 6
     assert [p["turn"] for p in next(iter(report["curves"].values()))] == [1, 2, 3]
     assert {r["variant"] for r in report["results"] if "skipped" in r} == {
         f"server at {fake_server.url} (reuse off)", f"server at {fake_server.url}, prompt lookup off",

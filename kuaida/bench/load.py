@@ -74,6 +74,7 @@ SYSTEM_PROMPT = (
 COLUMNS = [
     Column("server", "variant"),
     Column("clients", "clients"),
+    Column("conversations", "conversations"),
     Column("requests", "requests"),
     Column("errors", "errors"),
     Column("TTFT ms p50", "ttft_ms.p50", fixed(0)),
@@ -231,15 +232,18 @@ def median_or_none(values: list[float]) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def summarize_level(name: str, conversations: list[list[Reply]], wall_s: float) -> dict[str, Any]:
-    """One concurrency level -> its table row. Tokens count every reply's delivered tokens, failed
-    ones included: they were generated and streamed within the wall time."""
+def summarize_level(name: str, conversations: list[list[Reply]], wall_s: float,
+                    clients: int | None = None) -> dict[str, Any]:
+    """One concurrency level -> its table row (clients: default one per conversation). Tokens count every
+    reply's delivered tokens, failed ones included: they were generated and streamed within the wall
+    time."""
     replies = [r for conv in conversations for r in conv]
     ok = [r for r in replies if r.ok]
     tokens = sum(r.tokens for r in replies)
     last = [conv[-1].prompt_tokens for conv in conversations if conv and conv[-1].prompt_tokens]
     errors = [r.problem() for r in replies if not r.ok]
-    return {"variant": name, "clients": len(conversations), "requests": len(replies), "errors": len(errors),
+    return {"variant": name, "clients": clients or len(conversations), "conversations": len(conversations),
+            "requests": len(replies), "errors": len(errors),
             "error_examples": sorted(set(errors))[:3],
             "ttft_ms": percentiles([r.ttft_s * 1000 for r in ok if r.ttft_s is not None]),
             "output_tokens": tokens, "wall_s": round(wall_s, 2),
@@ -333,19 +337,41 @@ def user_sides(n: int, turns: int, seed: int = 0) -> list[list[str]]:
                                f"speaker; ask for fewer turns or clients")
 
 
+BASELINE_CONVERSATIONS = 8  # the one-client level replays the 8-client level's conversations, one by one
+
+
+@dataclass
+class Level:
+    """One row of the sweep: `clients` concurrent clients over `conversations`. The one-client level holds
+    more conversations than clients: its client runs them one after another."""
+    clients: int
+    conversations: list[list[str]]
+
+
 @dataclass
 class Workload:
-    """Disjoint conversations for the turn curve and for each concurrency level of the sweep."""
+    """Conversations for the turn curve and for each concurrency level of the sweep.
+
+    Levels of several clients get disjoint conversations. The one-client level replays the conversations
+    of the largest level of at most 8 clients (BASELINE_CONVERSATIONS), one after another: "N clients
+    against one" then compares the same requests served one at a time and at once. (One conversation as
+    the baseline made the ratio hinge on that conversation: a user whose replies end after 6 tokens
+    spends most of its time waiting for first tokens, and its tok/s, which divides every level's, is low.)"""
     curve: list[list[str]]
-    levels: list[list[list[str]]] = field(default_factory=list)
+    levels: list[Level] = field(default_factory=list)
 
     @classmethod
     def make(cls, clients: list[int], curve_runs: int, turns: int, seed: int) -> Workload:
-        pool = user_sides(curve_runs + sum(clients), turns, seed)
-        levels, start = [], curve_runs
+        shared = [c for c in clients if 1 < c <= BASELINE_CONVERSATIONS]
+        replay = max(shared, default=None)
+        alone = 1 if 1 in clients and replay is None else 0  # then one client has a conversation of its own
+        pool = user_sides(curve_runs + sum(c for c in clients if c > 1) + alone, turns, seed)
+        start, by_clients = curve_runs, {}
         for c in clients:
-            levels.append(pool[start:start + c])
-            start += c
+            if c > 1 or alone:
+                by_clients[c] = pool[start:start + c]
+                start += c
+        levels = [Level(c, by_clients[replay] if c == 1 and not alone else by_clients[c]) for c in clients]
         return cls(pool[:curve_runs], levels)
 
 
@@ -409,11 +435,20 @@ def measure(target: Target, work: Workload, settings: LoadSettings, sweep: bool,
             if last is not None and last.ok and alone.ok and last.ttft_s and alone.ttft_s:
                 same_message.append([round(last.ttft_s * 1000, 1), round(alone.ttft_s * 1000, 1)])
     rows = []
-    for conversations in work.levels if sweep else []:
-        progress(f"{target.name}: {len(conversations)} concurrent clients")
+    for level in work.levels if sweep else []:
         with OtherCpu() as cpu:
-            results, wall = run_clients(target, conversations, settings)
-        rows.append({**summarize_level(target.name, results, wall), "other_cpu_cores": cpu.cores})
+            if level.clients == 1:
+                progress(f"{target.name}: 1 client, {len(level.conversations)} conversations one by one")
+                results, wall = [], 0.0
+                for conversation in level.conversations:
+                    done, seconds = run_clients(target, [conversation], settings)
+                    results += done
+                    wall += seconds
+            else:
+                progress(f"{target.name}: {level.clients} concurrent clients")
+                results, wall = run_clients(target, level.conversations, settings)
+        rows.append({**summarize_level(target.name, results, wall, level.clients),
+                     "other_cpu_cores": cpu.cores})
     return Measured(rows, turn_curve(replies) if curve else None, curve_cpu.cores, same_message)
 
 
@@ -630,7 +665,11 @@ def same_message_lines(same_message: dict[str, list[list[float]]]) -> list[str]:
 
 
 def load_markdown(report: dict[str, Any]) -> str:
-    lines = [markdown(report, COLUMNS, TITLE), "## Time to first token by turn", "",
+    lines = [markdown(report, COLUMNS, TITLE),
+             ("One client runs its conversations one after another: the conversations of the largest level "
+              f"of at most {BASELINE_CONVERSATIONS} clients, so × 1 client compares the same requests served "
+              "one at a time and at once. Output tok/s counts every delivered token over the level's wall "
+              "time (time to first token included)."), "", "## Time to first token by turn", "",
              ("Median over the turn-curve conversations, run one at a time; history tokens = the prompt "
               "the server reported for that turn."), "", *curve_table(report["curves"]), "",
              "Other processes' CPU while the curves ran (cores): " + ", ".join(
