@@ -20,6 +20,7 @@ from kuaida.engine.sequence import GenerationStats
 from kuaida.errors import InvalidArgumentError
 from kuaida.model.fused import fuse
 from kuaida.model.loader import LoadedModel, load_model
+from kuaida.model.memory import buffers_on_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def load_weights(model: str = "default", dtype: str | None = "int8",
             # "loading", not inside the first request's time to first token.
             kernels.available()
     fuse(loaded.model)  # inference: norms, RoPE and SwiGLU's glue in one kernel call each
+    buffers_on_huge_pages(loaded.model)  # the quantized weights every decode step streams
     log.info("loaded %s (%s, %s) in %.1f s", model, loaded.backend, dtype, time.perf_counter() - t0)
     return loaded
 

@@ -36,6 +36,7 @@ from kuaida.compress.quantize import DTYPES, quantize
 from kuaida.errors import InvalidArgumentError
 from kuaida.model.fused import fuse
 from kuaida.model.loader import load_model
+from kuaida.model.memory import buffers_on_huge_pages
 from kuaida.model.save import check_target, save_model
 from kuaida.train.data import heldout_examples
 from kuaida.train.distill import DistillConfig, distill
@@ -194,8 +195,9 @@ def finetune_baseline(pruned: torch.nn.Module, tokenizer, dcfg: DistillConfig, p
 
 
 def quantized_copy(model: torch.nn.Module, step: QuantizeStep) -> torch.nn.Module:
-    """The copy the engine runs (and the report times): quantized, glue fused (kuaida.model.fused)."""
-    return fuse(quantize(copy.deepcopy(model), step.dtype, step.group_size))
+    """The copy the engine runs (and the report times): quantized, glue fused (kuaida.model.fused), its
+    quantized weights on huge pages (kuaida.model.memory)."""
+    return buffers_on_huge_pages(fuse(quantize(copy.deepcopy(model), step.dtype, step.group_size)))
 
 
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:

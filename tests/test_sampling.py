@@ -163,3 +163,14 @@ def test_stop_is_normalised():
 def test_validation(kwargs, word):
     with pytest.raises(InvalidArgumentError, match=word):
         SamplingParams(**kwargs)
+
+
+def test_greedy_is_the_first_argmax_per_row():
+    """Greedy sampling (numpy's argmax on CPU): each row's largest logit, the first one on ties, on views."""
+    logits = torch.randn(5, 1000)
+    logits[1, 7] = logits[1, 900] = 50.0
+    params = SamplingParams(temperature=0.0)
+    assert torch.equal(sample(logits, params, None), logits.argmax(-1))
+    assert int(sample(logits, params, None)[1]) == 7
+    assert torch.equal(sample(logits[:, ::2], params, None), logits[:, ::2].argmax(-1))  # strided view
+    assert torch.equal(processed_logits(logits, params).isfinite().nonzero()[:, 1], logits.argmax(-1))

@@ -58,8 +58,14 @@ inline __m256 exp256(__m256 x) {
 
 // p[0..L) <- exp(p - max) / sum, in place.
 void softmax_inplace(float* p, int64_t L) {
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < L; ++s) mx = std::max(mx, p[s]);
+  // The max in 8 lanes (a scalar loop does not vectorize without -ffast-math); exact in any order.
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(p + t));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  for (; t < L; ++t) mx = std::max(mx, p[t]);
   const __m256 m8 = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
   int64_t s = 0;

@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from kuaida import kernels
+from kuaida.model.memory import huge_zeros
 
 
 class KVCache:
@@ -24,8 +25,13 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_seq: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (batch, n_kv_heads, max_seq, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+
+        def zeros() -> torch.Tensor:  # on CPUs, huge pages where available: decode streams these
+            return huge_zeros(shape, dtype) if torch.device(device).type == "cpu" else torch.zeros(
+                shape, dtype=dtype, device=device)
+
+        self.k = [zeros() for _ in range(n_layers)]
+        self.v = [zeros() for _ in range(n_layers)]
         self.batch, self.max_seq = batch, max_seq
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
 

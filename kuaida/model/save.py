@@ -113,9 +113,16 @@ def _generation_config(config):
     return GenerationConfig.from_model_config(config)
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy where it is a view into a larger storage (kuaida.model.memory packs an inference
+    model's buffers into one arena; safetensors refuses tensors that share memory)."""
+    t = t.detach().contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def hf_tensors(model: Transformer, args: ModelArgs) -> dict[str, torch.Tensor]:
     """An fp32 model's tensors under HF names (what model.safetensors holds)."""
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = {k: _own_storage(v) for k, v in model.state_dict().items()}
     if args.output_ids is not None:
         # Full-vocabulary head, zero rows where pruned: transformers loads it; our loader keeps the rows.
         kept = sd["lm_head.weight"]  # [len(output_ids), dim]
@@ -126,7 +133,7 @@ def hf_tensors(model: Transformer, args: ModelArgs) -> dict[str, torch.Tensor]:
 
 
 def _quantized_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: _own_storage(v) for k, v in model.state_dict().items()}
     if model.lm_head.__class__ is nn.Linear and model.lm_head.weight is model.embed_tokens.weight:
         del sd["lm_head.weight"]  # tied: one tensor on disk, re-tied by load_quantized
     return sd
