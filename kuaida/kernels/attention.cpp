@@ -177,8 +177,13 @@ void score_unit(const DecodeArgs& a, const Segment& seg, const T* k, const Unit&
           const __m256 qc = _mm256_loadu_ps(qg + c);
           for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qc, _mm256_load_ps(kf + j * a.D + c), acc[j]);
         }
-        _mm256_store_ps(sc, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(a.scale)));
+        const __m256 scores = _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(a.scale));
         float* pr = a.p + (b * a.H + hh) * a.Lmax;
+        if (lo == s && hi == s + 8) {  // the member sees the whole block (almost always)
+          _mm256_storeu_ps(pr + s, scores);
+          continue;
+        }
+        _mm256_store_ps(sc, scores);
         for (int64_t t = lo; t < hi; ++t) pr[t] = sc[t - s];
       }
     }
