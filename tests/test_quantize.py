@@ -1,4 +1,4 @@
-"""quantize(model, dtype): the tiny model still runs, stays close to fp32, and round-trips through safetensors.
+"""quantize(model, dtype): the tiny model still runs, stays close to fp32, round-trips through safetensors.
 
 Logit tolerances (relative L2 error vs fp32, tiny random model): random Gaussian weights are the worst
 case for group quantization. Rounding to a grid of step s adds error of std s / sqrt(12): int4 groups of 32
@@ -161,6 +161,21 @@ def test_bf16_linear_paths(rows, bf16_fast, monkeypatch):
     expect = torch.nn.functional.linear(x, w, linear.bias)
     bound = 2**-8 * 1.01 * torch.nn.functional.linear(x.abs(), w.abs()) + 1e-5
     assert ((layer(x) - expect).abs() <= bound).all()
+
+
+def test_weight_buffer_first_made_under_inference_mode_is_writable_outside(monkeypatch):
+    """The reused dequantization buffer, first allocated while serving (inference_mode), must still take the
+    next call's weights under plain no_grad (an inference tensor refuses in-place writes there). This failed
+    on CPUs without native bf16, whose many-row BF16Linear path upcasts into the buffer."""
+    monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: False)
+    monkeypatch.setattr(kernels._scratch, "buf", None, raising=False)
+    layer = BF16Linear.from_linear(nn.Linear(64, 48))
+    x = torch.randn(20, 64)
+    with torch.inference_mode():
+        first = layer(x)
+    assert not kernels.weight_buffer(48, 64, torch.float32).is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), first)
 
 
 def test_quantized_model_caches_fp16_and_decodes_like_fp32_cache():

@@ -122,7 +122,10 @@ def weight_buffer(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(n, k, dtype=dtype)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < n * k or buf.dtype != dtype:
-        buf = _scratch.buf = torch.empty(n * k, dtype=dtype)
+        # A normal tensor even when first asked for under inference_mode: an inference tensor could not be
+        # written in place by a later call outside it (a model evaluated under no_grad after serving).
+        with torch.inference_mode(False):
+            buf = _scratch.buf = torch.empty(n * k, dtype=dtype)
     return buf[: n * k].view(n, k)
 
 
