@@ -141,6 +141,7 @@ def test_no_avx512_env_switch(monkeypatch):
     wargs, _, _ = make("int8", 77, 576)
     x, bias = inputs(3, 576, 77, True)
     monkeypatch.setenv("KUAIDA_NO_BF16_DECODE", "1")  # int8 rows stay on the integer kernel
+    monkeypatch.setenv("KUAIDA_NO_ROWS16", "1")  # here too, without AVX-512
     monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
     assert not kernels.avx512()
     y2 = kernels.int8_linear(x, *wargs, bias)
@@ -173,7 +174,7 @@ def test_kernel_dequantize_is_exact(dtype, bf16, avx512):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-@pytest.mark.parametrize("m", [1, 7, 12, 20, 130])
+@pytest.mark.parametrize("m", [1, 7, 12, 20, 130, 200])
 @pytest.mark.parametrize("bf16_fast", [False, True])
 @pytest.mark.parametrize("no_avx512", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -191,6 +192,7 @@ def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, no_avx512, threads, 
         monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the thresholds depend on it
     bf16_rows = kernels.bf16_gemm_min_rows(dtype, kernels.avx512())
+    fp32_rows = kernels.fp32_gemm_min_rows(dtype)
     fused = dtype == "int8" and kernels.fused_int8()  # bf16 kernels at every row count
     y = op(x, *wargs, bias)
     monkeypatch.setattr(kernels, "_load", lambda: None)
@@ -199,7 +201,7 @@ def test_dispatch_agrees_with_fallback(dtype, m, bf16_fast, no_avx512, threads, 
     torch.testing.assert_close(fallback, F.linear(x, deq, bias), rtol=0, atol=1e-5)
     if (bf16_fast and m >= bf16_rows) or fused:
         bound = 2**-7 * 1.01 * F.linear(x[0].abs(), deq.abs()) + 1e-5
-    elif not bf16_fast and m >= kernels.FP32_GEMM_MIN_ROWS[dtype]:
+    elif not bf16_fast and m >= fp32_rows:
         bound = torch.full_like(fallback[0], 1e-5)  # the same fp32 GEMM as the fallback
     else:
         bound = F.linear(block_absmax(x[0]) / (2 * ACT_MAX), scaled.abs()) * 1.001 + 1e-5
@@ -283,16 +285,95 @@ def test_int8_rows_kernel_matches_the_reference_and_is_row_independent(n, k, gro
         torch.set_num_threads(before)
 
 
+ACT16_MAX = 32767  # int8_linear_rows16's activation grid per 32-block
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, k, group", [(192, 576, 32), (13, 96, 32), (100, 256, 64), (77, 1536, 32)])
+@pytest.mark.parametrize("tile", [(4, 2), (1, 1), (3, 4), (8, 1), (6, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_rows16_kernel_matches_the_reference_and_is_row_independent(n, k, group, tile, threads):
+    """int8_linear_rows16 (AVX2: activations on a 16-bit grid per 32-block, vpmaddwd): within that grid's
+    bound of the exact dequantized product (each x_i moves by at most absmax_b / 65534), at 1-33 rows (full
+    and partial tiles, an N not a multiple of the weight-row tile, 3-d input, with and without bias), and
+    each row's output bitwise the same as that row alone, whatever the rows around it, the register tile and
+    the thread count (the scheduler's row_independent() relies on it)."""
+    torch.manual_seed(n + k)
+    q, d = ref.quantize_int8(torch.randn(n, k), group)
+    deq = ref.dequantize_int8(q, d)
+    ext = kernels._load()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, bias = torch.randn(33, k) * 3, torch.randn(n)
+        ext.set_rows16_tile(1, 1)
+        alone = {b is None: torch.cat([ext.int8_linear_rows16(x[i:i + 1], q, d, b) for i in range(33)])
+                 for b in (bias, None)}
+        ext.set_rows16_tile(*tile)
+        for m in (1, 2, 3, 4, 7, 8, 9, 16, 33):
+            for b in (bias, None):
+                got = ext.int8_linear_rows16(x[:m][None], q, d, b)[0]
+                want = F.linear(x[:m], deq, b)
+                bound = F.linear(block_absmax(x[:m]) / (2 * ACT16_MAX), deq.abs()) * 1.001 + 1e-5
+                assert ((got - want).abs() <= bound).all()
+                assert torch.equal(got, alone[b is None][:m])
+                window = ext.int8_linear_rows16(x[m - 1:m + 2], q, d, b)
+                assert torch.equal(window, alone[b is None][m - 1:m + 2])
+    finally:
+        ext.set_rows16_tile(4, 2)
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_int8_rows16_is_finer_than_the_15_bit_kernel_and_handles_zeros():
+    """The 16-bit grid halves the 15-bit kernel's worst-case activation rounding; an all-zero block and an
+    all-zero row give exact zeros (no division by a zero absmax)."""
+    wargs, deq, _ = make("int8", 192, 576)
+    x, _ = inputs(8, 576, 192, False)
+    x[3] = 0
+    x[5, :32] = 0
+    ext = kernels._load()
+    exact = F.linear(x, deq)
+    err16 = (ext.int8_linear_rows16(x, *wargs, None) - exact).abs()
+    err15 = (ext.int8_linear(x, *wargs, None, False) - exact).abs()
+    assert err16.mean() < 0.75 * err15.mean()
+    assert torch.equal(ext.int8_linear_rows16(x, *wargs, None)[3], torch.zeros(192))
+    with pytest.raises(RuntimeError, match="tile"):
+        ext.set_rows16_tile(5, 2)
+
+
+@needs_kernels
+def test_rows16_dispatch_and_switch(monkeypatch):
+    """Without the AVX-512 paths, int8 layers take rows16 for decode (inside row_independent(): any row count)
+    and for prefill below ROWS16_MAX_ROWS, fp32 GEMM from it (where bf16 GEMM is slow);
+    KUAIDA_NO_ROWS16=1 gives back the 15-bit kernel below FP32_GEMM_MIN_ROWS."""
+    monkeypatch.setenv("KUAIDA_NO_AVX512", "1")
+    monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: False)
+    (q, d), _, _ = make("int8", 64, 128)
+    ext = kernels._load()
+    x = torch.randn(kernels.ROWS16_MAX_ROWS, 128)
+    below = x[:-1]
+    assert kernels.rows16() and kernels.fp32_gemm_min_rows("int8") == kernels.ROWS16_MAX_ROWS
+    assert torch.equal(kernels.int8_linear(below, q, d), ext.int8_linear_rows16(below, q, d, None))
+    assert not torch.equal(kernels.int8_linear(x, q, d), ext.int8_linear_rows16(x, q, d, None))  # fp32 GEMM
+    with kernels.row_independent():
+        assert torch.equal(kernels.int8_linear(x, q, d), ext.int8_linear_rows16(x, q, d, None))
+    monkeypatch.setenv("KUAIDA_NO_ROWS16", "1")
+    assert not kernels.rows16() and kernels.fp32_gemm_min_rows("int8") == kernels.FP32_GEMM_MIN_ROWS["int8"]
+    few = x[:8]
+    assert torch.equal(kernels.int8_linear(few, q, d), ext.int8_linear(few, q, d, None, False))
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("bf16_fast", [False, True])
 def test_row_independent_rows_match_single_row_calls(dtype, bf16_fast, monkeypatch):
     """Inside kernels.row_independent() every row count takes the integer kernel, so each row's output is
-    bitwise the output of that row alone (what the batching scheduler relies on); outside it, 130 rows take
+    bitwise the output of that row alone (what the batching scheduler relies on); outside it, 200 rows take
     a GEMM path (bf16 with native bf16, fp32 otherwise), which rounds each row differently."""
     monkeypatch.setattr(kernels, "bf16_gemm_is_fast", lambda: bf16_fast)
     wargs, _, _ = make(dtype, 192, 576)
-    x, bias = inputs(130, 576, 192, True)
+    x, bias = inputs(200, 576, 192, True)
     op = kernels.int8_linear if dtype == "int8" else kernels.int4_linear
     alone = torch.cat([op(x[i:i + 1], *wargs, bias) for i in range(len(x))])
     with kernels.row_independent():

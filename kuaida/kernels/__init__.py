@@ -39,6 +39,10 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 BF16_GEMM_MIN_ROWS = {"int8": (19, 27), "int4": (15, 21)}  # (one thread, two or more)
 BF16_GEMM_MIN_ROWS_AVX2 = {"int8": 10, "int4": 14}
 FP32_GEMM_MIN_ROWS = {"int8": 48, "int4": 128}
+# int8 on CPUs without the AVX-512 paths takes int8_linear_rows16 (qgemm.cpp: 16-bit activations,
+# vpmaddwd) below this many rows, fp32 GEMM from it: measured on Zen 3 (AVX2 only, 2 threads, the model's
+# layers) rows16 took 0.63x the GEMM path's time at 96 rows and 1.05x at 256 (benchmarks/results/kernels.md).
+ROWS16_MAX_ROWS = 192
 # int8 with AVX512-BF16: from this many rows the fused kernel (attention.cpp, int8_linear_bf16: weights
 # dequantized tile by tile into bf16 dot products, no layer-sized buffer, no oneDNN reorder) beats both the
 # integer kernel and dequantize + oneDNN, with one thread or two (~12 rows either way; at 16-64 rows it
@@ -145,7 +149,19 @@ def _gemm_dtype(x: torch.Tensor, dtype: str, n: int, wide: bool) -> torch.dtype 
         return None
     if bf16_gemm_is_fast():
         return torch.bfloat16 if x.numel() >= bf16_gemm_min_rows(dtype, wide) * k else None
-    return torch.float32 if x.numel() >= FP32_GEMM_MIN_ROWS[dtype] * k else None
+    return torch.float32 if x.numel() >= fp32_gemm_min_rows(dtype) * k else None
+
+
+def rows16() -> bool:
+    """True when int8 layers take int8_linear_rows16 (AVX2, 16-bit activations) for decode and for prefill
+    below ROWS16_MAX_ROWS: the kernels are loaded, the AVX-512 paths are off (not available, or
+    KUAIDA_NO_AVX512=1) and KUAIDA_NO_ROWS16 is not 1 (then the 15-bit integer kernel; read on every call)."""
+    return not avx512() and os.environ.get("KUAIDA_NO_ROWS16") != "1" and _load() is not None
+
+
+def fp32_gemm_min_rows(dtype: str) -> int:
+    """Rows from which `dtype` layers take dequantize + fp32 GEMM on CPUs without native bf16."""
+    return ROWS16_MAX_ROWS if dtype == "int8" and rows16() else FP32_GEMM_MIN_ROWS[dtype]
 
 
 def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -159,9 +175,10 @@ _rows = threading.local()
 
 @contextlib.contextmanager
 def row_independent():
-    """Within this block (this thread), int8 and int4 layers take the integer kernel however many rows come
-    in: each row's result is then bitwise the same whatever rows share the call (the dequantize + GEMM and
-    fused bf16 paths round differently). The batching scheduler decodes in it, so a greedy reply does not
+    """Within this block (this thread), int8 and int4 layers take a row-independent kernel however many rows
+    come in (int8: the bf16 rows kernel with AVX512-BF16, rows16 without AVX-512, else the integer kernel;
+    int4: the integer kernel): each row's result is then bitwise the same whatever rows share the call (the
+    dequantize + GEMM and fused bf16 paths round differently). The batching scheduler decodes in it, so a greedy reply does not
     depend on the requests or the prompt-lookup drafts that share its steps; from ~12 rows it costs speed
     (benchmarks/results/kernels.md)."""
     before = getattr(_rows, "independent", False)
@@ -192,6 +209,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
             return _load("attention").int8_linear_bf16_rows(_fp32(x), q, d, bias)
     if _batch_paths() and (gemm := _gemm_dtype(x, "int8", q.shape[0], wide)) is not None:
         return _gemm(x, ext.int8_dequantize(q, d, weight_buffer(*q.shape, gemm), wide), bias)
+    if not wide and rows16():
+        return ext.int8_linear_rows16(_fp32(x), q, d, bias)
     return ext.int8_linear(_fp32(x), q, d, bias, wide)
 
 

@@ -12,7 +12,8 @@ Formats: fp32, bf16 (bf16 GEMM), bf16-upcast (fp32 GEMM on the upcast weight), i
 ops, which pick the integer kernel or bf16 GEMM by row count), and to measure those choices:
 -kernel (integer kernel at any M, AVX-512 VNNI path where the CPU has it), -avx2 (integer kernel, AVX2 path),
 -bf16 (dequantize to bf16 + bf16 GEMM; -bf16-avx2: dequantize with the AVX2 code), -gemm (to fp32 + fp32
-GEMM), int8-rows (the AVX-512 BF16 few-rows kernel, int8_linear_bf16_rows).
+GEMM), int8-rows (the AVX-512 BF16 few-rows kernel, int8_linear_bf16_rows), int8-rows16 (the AVX2 kernel with
+16-bit activations, int8_linear_rows16).
 The library's AVX-512 paths follow KUAIDA_NO_AVX512 (set to 1 for the AVX2 ones everywhere).
 "layers/head" uses one format for the 30 layers and another for the output layer, e.g. int4/int8 (what
 `quantize(model, "int4")` builds).
@@ -75,6 +76,7 @@ def _int_op(variant: str, ext, int4: bool, wargs: tuple[torch.Tensor, ...]) -> L
         "-bf16-avx2": lambda x: F.linear(x.bfloat16(), deq(torch.bfloat16, False)).float(),
         "-gemm": lambda x: F.linear(x, deq(torch.float32)),
         "-rows": lambda x: kernels._load("attention").int8_linear_bf16_rows(x, *wargs, None),
+        "-rows16": lambda x: ext.int8_linear_rows16(x, *wargs, None),
     }[variant]
 
 

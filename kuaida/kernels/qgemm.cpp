@@ -631,11 +631,177 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::T
   return dequantize<true>(view_weight(q, d, &m, q.size(1) * 2), out, avx512);
 }
 
+// ---- int8 weights x 16-bit activations (vpmaddwd), AVX2: few rows (decode) ----
+// Without AVX-512 the integer kernel above is compute-bound from ~2 rows: per (activation row, weight row,
+// 32-block) it runs two sign + two maddubs + two madd (the 15-bit activations' two halves) + add,
+// conversion, scale multiply and FMA. Here activations are quantized per 32-block to one int16
+// (xi = round(x * 32767 / absmax): a finer grid than the 15-bit halves) and each weight block is
+// sign-extended to int16 once per tile, so a (row, weight row, block) takes two vpmaddwd (int8 * int16
+// products, 2 * 127 * 32767 per int32 lane; four per lane in all, < 2^24) + add + conversion + multiply + FMA.
+// Every output is one fp32 accumulator chain over the blocks in order and one fixed reduction: a row's
+// result is the same whatever M and whichever tile it lands in (what batched decoding needs).
+constexpr float kAct16Max = 32767.0f;
+
+struct Acts16 {
+  std::vector<int16_t> x;  // [M, K]
+  std::vector<float> d;    // [M, K / 32]
+};
+
+// One 32-block: xi = round_half_even(x * (32767 / absmax)), d = absmax / 32767.
+void quantize_block16(const float* x, int16_t* out, float* d) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], amax = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+  }
+  const float m = hmax(amax);
+  *d = m / kAct16Max;
+  const __m256 id = _mm256_set1_ps(m > 0.0f ? kAct16Max / m : 0.0f);
+  for (int j = 0; j < 4; j += 2) {
+    // packs works per 128-bit lane: [a0-3 b0-3 | a4-7 b4-7] -> reorder the 64-bit quarters to a0-7 b0-7.
+    const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[j], id)),
+                                         _mm256_cvtps_epi32(_mm256_mul_ps(v[j + 1], id)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * j), _mm256_permute4x64_epi64(p, 0xD8));
+  }
+}
+
+Acts16 quantize_acts16(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / kBlock;
+  Acts16 a{std::vector<int16_t>(M * K), std::vector<float>(M * nb)};
+  for (int64_t b = 0; b < M * nb; ++b) quantize_block16(x + b * kBlock, &a.x[b * kBlock], &a.d[b]);
+  return a;
+}
+
+// y[i0 : i0 + MR, n0 : n0 + NR]; dw [NR, K / 32] (row_scales).
+template <int MR, int NR>
+void tile16(const QWeight& w, const Acts16& a, const float* dw, int64_t i0, int64_t n0, const float* bias,
+            float* y, bool prefetch) {
+  const int64_t K = w.K, nb = K / kBlock;
+  const int8_t* q = reinterpret_cast<const int8_t*>(w.q) + n0 * K;
+  const int16_t* x = a.x.data() + i0 * K;
+  const float* xd = a.d.data() + i0 * nb;
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (prefetch) {
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (NR + r) * K + b * kBlock), _MM_HINT_T0);
+    }
+    __m256i w0[NR], w1[NR];
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* qb = q + r * K + b * kBlock;
+      w0[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)));
+      w1[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16)));
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int16_t* xb = x + i * K + b * kBlock;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16));
+      const __m256 xs = _mm256_broadcast_ss(xd + i * nb + b);
+      for (int r = 0; r < NR; ++r) {
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0[r], x0), _mm256_madd_epi16(w1[r], x1));
+        const __m256 scale = _mm256_mul_ps(_mm256_broadcast_ss(dw + r * nb + b), xs);
+        acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) put(w, i0 + i, n0, r, hsum(acc[i][r]), bias, y);
+}
+
+// The last M - i (< MR) activation rows as one tile.
+template <int MR, int NR>
+void last_tile16(const QWeight& w, const Acts16& a, const float* dw, int64_t i, int64_t M, int64_t n0,
+                 const float* bias, float* y) {
+  if constexpr (MR > 1) {
+    if (M - i == MR - 1) return tile16<MR - 1, NR>(w, a, dw, i, n0, bias, y, i == 0);
+    last_tile16<MR - 1, NR>(w, a, dw, i, M, n0, bias, y);
+  }
+}
+
+// NR weight rows from n0 against all M activation rows, kCols16 at a time.
+template <int MR, int NR>
+void row_tile16(const QWeight& w, const Acts16& a, int64_t n0, int64_t M, const float* bias, float* y,
+                float* dw) {
+  row_scales<NR, false>(w, n0, dw, nullptr);
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) tile16<MR, NR>(w, a, dw, i, n0, bias, y, i == 0);
+  if (i < M) last_tile16<MR, NR>(w, a, dw, i, M, n0, bias, y);
+}
+
+}  // namespace
+
+// Tile shape (activation rows x weight rows), settable for measurements: KUAIDA_ROWS16_TILE=MRxNR.
+static int g_rows16_mr = 4, g_rows16_nr = 2;
+
+void set_rows16_tile(int64_t mr, int64_t nr) {
+  TORCH_CHECK((mr == 1 || mr == 2 || mr == 3 || mr == 4 || mr == 6 || mr == 8) && (nr == 1 || nr == 2 || nr == 4),
+              "tile: MR in 1, 2, 3, 4, 6, 8 and NR in 1, 2, 4");
+  g_rows16_mr = static_cast<int>(mr);
+  g_rows16_nr = static_cast<int>(nr);
+}
+
+namespace {
+
+using RowTile16 = void (*)(const QWeight&, const Acts16&, int64_t, int64_t, const float*, float*, float*);
+
+template <int MR>
+RowTile16 pick16(int nr) {
+  return nr == 4 ? row_tile16<MR, 4> : nr == 2 ? row_tile16<MR, 2> : row_tile16<MR, 1>;
+}
+
+RowTile16 pick16(int mr, int nr) {
+  switch (mr) {
+    case 1: return pick16<1>(nr);
+    case 2: return pick16<2>(nr);
+    case 3: return pick16<3>(nr);
+    case 6: return pick16<6>(nr);
+    case 8: return pick16<8>(nr);
+    default: return pick16<4>(nr);
+  }
+}
+
+}  // namespace
+
+at::Tensor int8_linear_rows16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2, "int8 weights: q int8 [N, K]");
+  check_inputs(x, q, d, q.size(1));
+  check_bias(bias, q.size(0));
+  const QWeight w = view_weight(q, d, nullptr, q.size(1));
+  const int64_t M = x.numel() / w.K, nb = w.K / kBlock;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = w.N;
+  at::Tensor y = at::empty(shape, x.options());
+  if (M == 0) return y;
+  const Acts16 a = quantize_acts16(x.data_ptr<float>(), M, w.K);
+  const int nr = g_rows16_nr;
+  const RowTile16 many = pick16(g_rows16_mr, nr), one = pick16(g_rows16_mr, 1);
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  // Threads take whole tiles of kRows weight rows, each chunk at least ~16 KiB of weights (as qlinear).
+  const int64_t tiles = (w.N + kRows - 1) / kRows, tile_bytes = kRows * w.row_bytes;
+  at::parallel_for(0, tiles, (16384 + tile_bytes - 1) / tile_bytes, [&](int64_t begin, int64_t end) {
+    std::vector<float> dw(kRows * nb);
+    const int64_t stop = std::min(end * kRows, w.N);
+    int64_t n = begin * kRows;
+    for (; n + nr <= stop; n += nr) many(w, a, n, M, b, out, dw.data());
+    for (; n < stop; ++n) one(w, a, n, M, b, out, dw.data());
+  });
+  return y;
+}
+
+namespace {
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int8_linear", &int8_linear, "y = x @ dequant(q, d)^T + bias; avx512: the AVX-512 VNNI path");
   mod.def("int4_linear", &int4_linear, "y = x @ dequant(q, d, m)^T + bias; avx512: the AVX-512 VNNI path");
+  mod.def("int8_linear_rows16", &int8_linear_rows16,
+          "y = x @ dequant(q, d)^T + bias with 16-bit activations (vpmaddwd, AVX2): row-independent, for decode");
+  mod.def("set_rows16_tile", &set_rows16_tile, "int8_linear_rows16's register tile (MR activation x NR weight rows)");
   mod.def("has_avx512_vnni", &cpu_has_avx512_vnni, "whether the CPU can run the avx512=True path");
   mod.def("int8_dequantize", &int8_dequantize, "out [N, K] fp32 or bf16 <- int8 q, fp16 scales; avx512: may use it");
   mod.def("int4_dequantize", &int4_dequantize,
