@@ -294,30 +294,29 @@ ACT16_MAX = 32767  # int8_linear_rows16's activation grid per 32-block
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_rows16_kernel_matches_the_reference_and_is_row_independent(n, k, group, tile, threads):
     """int8_linear_rows16 (AVX2: activations on a 16-bit grid per 32-block, vpmaddwd): within that grid's
-    bound of the exact dequantized product (each x_i moves by at most absmax_b / 65534), at 1-33 rows (full
-    and partial tiles, an N not a multiple of the weight-row tile, 3-d input, with and without bias), and
-    each row's output bitwise the same as that row alone, whatever the rows around it, the register tile and
-    the thread count (the scheduler's row_independent() relies on it)."""
-    torch.manual_seed(n + k)
-    q, d = ref.quantize_int8(torch.randn(n, k), group)
-    deq = ref.dequantize_int8(q, d)
+    bound of the exact dequantized product (each x_i moves by at most absmax_b / 65534), at 1-33 rows (full and partial tiles, an N not a multiple of the
+    weight-row tile, an odd number of 32-blocks, 3-d input, with and without bias), and each row's output
+    bitwise the same as that row alone, whatever the rows around it, the register tile and the thread count
+    (the scheduler's row_independent() relies on it)."""
+    wargs, deq, scaled = make("int8", n, k, group, seed=n + k)
     ext = kernels._load()
+    op = ext.int8_linear_rows16
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x, bias = torch.randn(33, k) * 3, torch.randn(n)
+        g = torch.Generator().manual_seed(k)
+        x, bias = torch.randn(33, k, generator=g) * 3, torch.randn(n, generator=g)
         ext.set_rows16_tile(1, 1)
-        alone = {b is None: torch.cat([ext.int8_linear_rows16(x[i:i + 1], q, d, b) for i in range(33)])
-                 for b in (bias, None)}
+        alone = {b is None: torch.cat([op(x[i:i + 1], *wargs, b) for i in range(33)]) for b in (bias, None)}
         ext.set_rows16_tile(*tile)
         for m in (1, 2, 3, 4, 7, 8, 9, 16, 33):
             for b in (bias, None):
-                got = ext.int8_linear_rows16(x[:m][None], q, d, b)[0]
+                got = op(x[:m][None], *wargs, b)[0]
                 want = F.linear(x[:m], deq, b)
-                bound = F.linear(block_absmax(x[:m]) / (2 * ACT16_MAX), deq.abs()) * 1.001 + 1e-5
+                bound = F.linear(block_absmax(x[:m]) / (2 * ACT16_MAX), scaled.abs()) * 1.001 + 1e-4
                 assert ((got - want).abs() <= bound).all()
                 assert torch.equal(got, alone[b is None][:m])
-                window = ext.int8_linear_rows16(x[m - 1:m + 2], q, d, b)
+                window = op(x[m - 1:m + 2], *wargs, b)
                 assert torch.equal(window, alone[b is None][m - 1:m + 2])
     finally:
         ext.set_rows16_tile(4, 2)

@@ -1,13 +1,14 @@
-"""int8 decode: the bf16 few-rows kernel (attention.cpp int8_linear_bf16_rows) against the integer kernel
-(qgemm.cpp, KUAIDA_NO_BF16_DECODE=1), on the default model in one process, paths taking turns.
+"""int8 decode: the few-rows kernel this CPU uses against the 15-bit integer kernel (qgemm.cpp), on the
+default model in one process, paths taking turns. With AVX512-BF16 the few-rows kernel is attention.cpp's
+int8_linear_bf16_rows (off: KUAIDA_NO_BF16_DECODE=1); without AVX-512, qgemm.cpp's int8_linear_rows16
+(16-bit activations; off: KUAIDA_NO_ROWS16=1).
 
     python benchmarks/scripts/int8_decode_ab.py [ROUNDS] [TOKENS]     # default 5 rounds, 64 tokens
 
 Per path: greedy decode tok/s over 8 held-out chitchat prompts (kuaida.optimize.time_decode: the Engine,
-DecodePlan, prefill excluded; median of the rounds), a batched decode step of B rows (B = 1, 4, 8; 840
-tokens of history each, the Scheduler's DecodePlan, row_independent(), ms median), and accuracy against the
-fp32 model: 512 teacher-forced tokens of held-out conversations fed one token per step through the KV cache
-(the decode path), top-1 agreement and mean KL(fp32 || int8). Prints Markdown.
+DecodePlan, prefill excluded; median of the rounds), and accuracy against the fp32 model: 512
+teacher-forced tokens of held-out conversations fed one token per step through the KV cache (the decode
+path), top-1 agreement and mean KL(fp32 || int8). Prints Markdown.
 """
 import os
 import statistics
@@ -15,6 +16,7 @@ import sys
 
 import torch
 
+from kuaida import kernels
 from kuaida.bench.quality import heldout_prompts
 from kuaida.bench.report import code_version, cpu_model
 from kuaida.dialogue.template import render_prompt
@@ -22,14 +24,18 @@ from kuaida.model.loader import load_model
 from kuaida.optimize import QuantizeStep, quantized_copy, time_decode
 from kuaida.train.data import DataConfig, load_conversations, split_conversations
 
-PATHS = {"bf16 rows kernel": None, "integer kernel": "1"}
+# path -> the environment switches it sets (None: unset).
+PATHS = {"bf16 rows kernel" if kernels.fused_int8() else "rows16 kernel":
+         {"KUAIDA_NO_BF16_DECODE": None, "KUAIDA_NO_ROWS16": None},
+         "integer kernel": {"KUAIDA_NO_BF16_DECODE": "1", "KUAIDA_NO_ROWS16": "1"}}
 
 
 def use(path: str) -> None:
-    if PATHS[path] is None:
-        os.environ.pop("KUAIDA_NO_BF16_DECODE", None)
-    else:
-        os.environ["KUAIDA_NO_BF16_DECODE"] = PATHS[path]
+    for name, value in PATHS[path].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def heldout_text(tokenizer, n_tokens: int) -> list[int]:
@@ -79,7 +85,7 @@ def main() -> None:
                                         reduction="batchmean").item()
         print(f"| {p} | {statistics.median(speeds[p]):.1f} | {', '.join(f'{s:.1f}' for s in speeds[p])} | "
               f"{top1 * 100:.1f} % | {kl:.5f} |")
-    use("bf16 rows kernel")
+    use(next(iter(PATHS)))
 
 
 if __name__ == "__main__":

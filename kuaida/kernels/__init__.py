@@ -39,10 +39,12 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 BF16_GEMM_MIN_ROWS = {"int8": (19, 27), "int4": (15, 21)}  # (one thread, two or more)
 BF16_GEMM_MIN_ROWS_AVX2 = {"int8": 10, "int4": 14}
 FP32_GEMM_MIN_ROWS = {"int8": 48, "int4": 128}
-# int8 on CPUs without the AVX-512 paths takes int8_linear_rows16 (qgemm.cpp: 16-bit activations,
+# On CPUs without the AVX-512 paths, int8 layers take int8_linear_rows16 (qgemm.cpp: 16-bit activations,
 # vpmaddwd) below this many rows, fp32 GEMM from it: measured on Zen 3 (AVX2 only, 2 threads, the model's
-# layers) rows16 took 0.63x the GEMM path's time at 96 rows and 1.05x at 256 (benchmarks/results/kernels.md).
-ROWS16_MAX_ROWS = 192
+# layers), rows16 took 0.51x the GEMM path's time at 48 rows, 1.02x at 128, 1.13x at 192
+# (benchmarks/results/kernels.md). (int4 with 16-bit activations was no faster than its 15-bit kernel,
+# which reads two nibble blocks per load: not kept.)
+ROWS16_MAX_ROWS = 128
 # int8 with AVX512-BF16: from this many rows the fused kernel (attention.cpp, int8_linear_bf16: weights
 # dequantized tile by tile into bf16 dot products, no layer-sized buffer, no oneDNN reorder) beats both the
 # integer kernel and dequantize + oneDNN, with one thread or two (~12 rows either way; at 16-64 rows it
@@ -176,8 +178,7 @@ _rows = threading.local()
 @contextlib.contextmanager
 def row_independent():
     """Within this block (this thread), int8 and int4 layers take a row-independent kernel however many rows
-    come in (int8: the bf16 rows kernel with AVX512-BF16, rows16 without AVX-512, else the integer kernel;
-    int4: the integer kernel): each row's result is then bitwise the same whatever rows share the call (the
+    come in (int8: the bf16 rows kernel with AVX512-BF16, rows16 without AVX-512; else the integer kernel): each row's result is then bitwise the same whatever rows share the call (the
     dequantize + GEMM and fused bf16 paths round differently). The batching scheduler decodes in it, so a greedy reply does not
     depend on the requests or the prompt-lookup drafts that share its steps; from ~12 rows it costs speed
     (benchmarks/results/kernels.md)."""

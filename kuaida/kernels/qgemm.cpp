@@ -631,20 +631,22 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::T
   return dequantize<true>(view_weight(q, d, &m, q.size(1) * 2), out, avx512);
 }
 
-// ---- int8 weights x 16-bit activations (vpmaddwd), AVX2: few rows (decode) ----
+// ---- int8 weights x 16-bit activations (vpmaddwd), AVX2: decode and small prefills ----
 // Without AVX-512 the integer kernel above is compute-bound from ~2 rows: per (activation row, weight row,
 // 32-block) it runs two sign + two maddubs + two madd (the 15-bit activations' two halves) + add,
 // conversion, scale multiply and FMA. Here activations are quantized per 32-block to one int16
 // (xi = round(x * 32767 / absmax): a finer grid than the 15-bit halves) and each weight block is
 // sign-extended to int16 once per tile, so a (row, weight row, block) takes two vpmaddwd (int8 * int16
-// products, 2 * 127 * 32767 per int32 lane; four per lane in all, < 2^24) + add + conversion + multiply + FMA.
+// products, 2 * 127 * 32767 per int32 lane; four per lane in all, < 2^24) + add + conversion + multiply +
+// FMA. (int4 the same way, nibbles zero-extended, was no faster than its 15-bit kernel, which takes two
+// blocks per load: not kept.)
 // Every output is one fp32 accumulator chain over the blocks in order and one fixed reduction: a row's
 // result is the same whatever M and whichever tile it lands in (what batched decoding needs).
 constexpr float kAct16Max = 32767.0f;
 
 struct Acts16 {
   std::vector<int16_t> x;  // [M, K]
-  std::vector<float> d;    // [M, K / 32]
+  std::vector<float> d;    // [M, K / 32] scales
 };
 
 // One 32-block: xi = round_half_even(x * (32767 / absmax)), d = absmax / 32767.
@@ -678,7 +680,7 @@ template <int MR, int NR>
 void tile16(const QWeight& w, const Acts16& a, const float* dw, int64_t i0, int64_t n0, const float* bias,
             float* y, bool prefetch) {
   const int64_t K = w.K, nb = K / kBlock;
-  const int8_t* q = reinterpret_cast<const int8_t*>(w.q) + n0 * K;
+  const uint8_t* q = w.q + n0 * w.row_bytes;
   const int16_t* x = a.x.data() + i0 * K;
   const float* xd = a.d.data() + i0 * nb;
   __m256 acc[MR][NR];
@@ -688,9 +690,9 @@ void tile16(const QWeight& w, const Acts16& a, const float* dw, int64_t i0, int6
     if (prefetch) {
       for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (NR + r) * K + b * kBlock), _MM_HINT_T0);
     }
-    __m256i w0[NR], w1[NR];
+    __m256i w0[NR], w1[NR];  // the block's weights as int16: elements 0..15, 16..31
     for (int r = 0; r < NR; ++r) {
-      const int8_t* qb = q + r * K + b * kBlock;
+      const uint8_t* qb = q + r * K + b * kBlock;
       w0[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)));
       w1[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16)));
     }
@@ -720,7 +722,7 @@ void last_tile16(const QWeight& w, const Acts16& a, const float* dw, int64_t i, 
   }
 }
 
-// NR weight rows from n0 against all M activation rows, kCols16 at a time.
+// NR weight rows from n0 against all M activation rows, MR at a time; dw: scratch [NR, K / 32].
 template <int MR, int NR>
 void row_tile16(const QWeight& w, const Acts16& a, int64_t n0, int64_t M, const float* bias, float* y,
                 float* dw) {
@@ -732,7 +734,7 @@ void row_tile16(const QWeight& w, const Acts16& a, int64_t n0, int64_t M, const 
 
 }  // namespace
 
-// Tile shape (activation rows x weight rows), settable for measurements: KUAIDA_ROWS16_TILE=MRxNR.
+// Tile shape (activation rows x weight rows), settable for measurements (set_rows16_tile).
 static int g_rows16_mr = 4, g_rows16_nr = 2;
 
 void set_rows16_tile(int64_t mr, int64_t nr) {
@@ -762,14 +764,7 @@ RowTile16 pick16(int mr, int nr) {
   }
 }
 
-}  // namespace
-
-at::Tensor int8_linear_rows16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
-                              const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2, "int8 weights: q int8 [N, K]");
-  check_inputs(x, q, d, q.size(1));
-  check_bias(bias, q.size(0));
-  const QWeight w = view_weight(q, d, nullptr, q.size(1));
+at::Tensor qlinear16(const at::Tensor& x, const QWeight& w, const std::optional<at::Tensor>& bias) {
   const int64_t M = x.numel() / w.K, nb = w.K / kBlock;
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = w.N;
@@ -792,9 +787,15 @@ at::Tensor int8_linear_rows16(const at::Tensor& x, const at::Tensor& q, const at
   return y;
 }
 
-namespace {
-
 }  // namespace
+
+at::Tensor int8_linear_rows16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2, "int8 weights: q int8 [N, K]");
+  check_inputs(x, q, d, q.size(1));
+  check_bias(bias, q.size(0));
+  return qlinear16(x, view_weight(q, d, nullptr, q.size(1)), bias);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int8_linear", &int8_linear, "y = x @ dequant(q, d)^T + bias; avx512: the AVX-512 VNNI path");
