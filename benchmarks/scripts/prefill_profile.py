@@ -8,25 +8,14 @@ wrappers; ms per prefill, mean of 5 after 2 warm-up runs.
 
 Results: benchmarks/results/kernels.md.
 """
-import collections
 import time
 
 import torch
+from decode_step_profile import T, timed  # this folder is on sys.path when a script here runs
 
 from kuaida import kernels
 from kuaida.bot import load_weights
 from kuaida.model import kv_cache, transformer
-
-T: dict[str, float] = collections.defaultdict(float)
-
-
-def timed(name, f):
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        out = f(*args, **kwargs)
-        T[name] += time.perf_counter() - t
-        return out
-    return wrapper
 
 
 def main() -> None:
