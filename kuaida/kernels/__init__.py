@@ -178,10 +178,11 @@ _rows = threading.local()
 @contextlib.contextmanager
 def row_independent():
     """Within this block (this thread), int8 and int4 layers take a row-independent kernel however many rows
-    come in (int8: the bf16 rows kernel with AVX512-BF16, rows16 without AVX-512; else the integer kernel): each row's result is then bitwise the same whatever rows share the call (the
-    dequantize + GEMM and fused bf16 paths round differently). The batching scheduler decodes in it, so a greedy reply does not
-    depend on the requests or the prompt-lookup drafts that share its steps; from ~12 rows it costs speed
-    (benchmarks/results/kernels.md)."""
+    come in (int8: the bf16 rows kernel with AVX512-BF16, rows16 without AVX-512, else the integer kernel;
+    int4: the integer kernel): each row's result is then bitwise the same whatever rows share the call (the
+    dequantize + GEMM and fused bf16 paths round differently). The batching scheduler decodes in it, so a
+    greedy reply does not depend on the requests or the prompt-lookup drafts that share its steps; from ~12
+    rows it costs speed (benchmarks/results/kernels.md)."""
     before = getattr(_rows, "independent", False)
     _rows.independent = True
     try:
@@ -210,7 +211,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
             return _load("attention").int8_linear_bf16_rows(_fp32(x), q, d, bias)
     if _batch_paths() and (gemm := _gemm_dtype(x, "int8", q.shape[0], wide)) is not None:
         return _gemm(x, ext.int8_dequantize(q, d, weight_buffer(*q.shape, gemm), wide), bias)
-    if not wide and rows16():
+    if rows16():  # implies not wide
         return ext.int8_linear_rows16(_fp32(x), q, d, bias)
     return ext.int8_linear(_fp32(x), q, d, bias, wide)
 
