@@ -732,10 +732,8 @@ void row_tile16(const QWeight& w, const Acts16& a, int64_t n0, int64_t M, const 
   if (i < M) last_tile16<MR, NR>(w, a, dw, i, M, n0, bias, y);
 }
 
-}  // namespace
-
 // Tile shape (activation rows x weight rows), settable for measurements (set_rows16_tile).
-static int g_rows16_mr = 4, g_rows16_nr = 2;
+int g_rows16_mr = 4, g_rows16_nr = 2;
 
 void set_rows16_tile(int64_t mr, int64_t nr) {
   TORCH_CHECK((mr == 1 || mr == 2 || mr == 3 || mr == 4 || mr == 6 || mr == 8) && (nr == 1 || nr == 2 || nr == 4),
@@ -743,8 +741,6 @@ void set_rows16_tile(int64_t mr, int64_t nr) {
   g_rows16_mr = static_cast<int>(mr);
   g_rows16_nr = static_cast<int>(nr);
 }
-
-namespace {
 
 using RowTile16 = void (*)(const QWeight&, const Acts16&, int64_t, int64_t, const float*, float*, float*);
 
@@ -787,8 +783,6 @@ at::Tensor qlinear16(const at::Tensor& x, const QWeight& w, const std::optional<
   return y;
 }
 
-}  // namespace
-
 at::Tensor int8_linear_rows16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
                               const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2, "int8 weights: q int8 [N, K]");
@@ -796,6 +790,8 @@ at::Tensor int8_linear_rows16(const at::Tensor& x, const at::Tensor& q, const at
   check_bias(bias, q.size(0));
   return qlinear16(x, view_weight(q, d, nullptr, q.size(1)), bias);
 }
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int8_linear", &int8_linear, "y = x @ dequant(q, d)^T + bias; avx512: the AVX-512 VNNI path");
