@@ -473,6 +473,23 @@ void check_inputs(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
   TORCH_CHECK(d.size(0) == q.size(0) && (K / kBlock) % d.size(1) == 0, "scales: [N, K / group]");
 }
 
+// x's shape with its last dimension K replaced by the layer's N.
+at::Tensor new_output(const at::Tensor& x, const QWeight& w) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = w.N;
+  return at::empty(shape, x.options());
+}
+
+// Threads take whole tiles of kRows weight rows, each at least ~16 KiB of weights: below that, waking a
+// thread costs more than it saves. body(n, stop) computes weight rows [n, stop) (the last tile may be
+// partial).
+template <typename Body>
+void parallel_weight_rows(const QWeight& w, const Body& body) {
+  const int64_t tiles = (w.N + kRows - 1) / kRows, tile_bytes = kRows * w.row_bytes;
+  at::parallel_for(0, tiles, (16384 + tile_bytes - 1) / tile_bytes,
+                   [&](int64_t begin, int64_t end) { body(begin * kRows, std::min(end * kRows, w.N)); });
+}
+
 // row_tile or row_tile512: NR weight rows from n0 against all M activation rows.
 using RowTile = void (*)(const QWeight&, const QActs&, const float*, int64_t, int64_t, const float*, float*,
                          float*, float*);
@@ -486,18 +503,11 @@ at::Tensor qlinear(const at::Tensor& x, const QWeight& w, const std::optional<at
   const int64_t M = x.numel() / w.K, nb = w.K / kBlock;
   const QActs a = quantize_acts(x.data_ptr<float>(), M, w.K, kInt4);
   const std::vector<float> xg = kInt4 ? group_sums(a, M, nb, w.groups) : std::vector<float>();
-  std::vector<int64_t> shape = x.sizes().vec();  // [..., K] -> [..., N]
-  shape.back() = w.N;
-  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor y = new_output(x, w);
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
-  // Threads take whole tiles of kRows rows, each at least ~16 KiB of weights: below that, waking a thread
-  // costs more than it saves.
-  const int64_t tiles = (w.N + kRows - 1) / kRows, tile_bytes = kRows * w.row_bytes;
-  at::parallel_for(0, tiles, (16384 + tile_bytes - 1) / tile_bytes, [&](int64_t begin, int64_t end) {
+  parallel_weight_rows(w, [&](int64_t n, int64_t stop) {
     std::vector<float> dw(kRows * nb), mw(kRows * w.groups);
-    const int64_t stop = std::min(end * kRows, w.N);  // the last tile may be partial
-    int64_t n = begin * kRows;
     for (; n + kRows <= stop; n += kRows) four(w, a, xg.data(), n, M, b, out, dw.data(), mw.data());
     for (; n < stop; ++n) one(w, a, xg.data(), n, M, b, out, dw.data(), mw.data());
   });
@@ -775,21 +785,15 @@ RowTile16 pick16(int mr, int nr) {
 
 at::Tensor qlinear16(const at::Tensor& x, const QWeight& w, const std::optional<at::Tensor>& bias) {
   const int64_t M = x.numel() / w.K, nb = w.K / kBlock;
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = w.N;
-  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor y = new_output(x, w);
   if (M == 0) return y;
   const Acts16 a = quantize_acts16(x.data_ptr<float>(), M, w.K);
   const int nr = g_rows16_nr;
   const RowTile16 many = pick16(g_rows16_mr, nr), one = pick16(g_rows16_mr, 1);
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
-  // Threads take whole tiles of kRows weight rows, each chunk at least ~16 KiB of weights (as qlinear).
-  const int64_t tiles = (w.N + kRows - 1) / kRows, tile_bytes = kRows * w.row_bytes;
-  at::parallel_for(0, tiles, (16384 + tile_bytes - 1) / tile_bytes, [&](int64_t begin, int64_t end) {
+  parallel_weight_rows(w, [&](int64_t n, int64_t stop) {
     std::vector<float> dw(kRows * nb);
-    const int64_t stop = std::min(end * kRows, w.N);
-    int64_t n = begin * kRows;
     for (; n + nr <= stop; n += nr) many(w, a, n, M, b, out, dw.data());
     for (; n < stop; ++n) one(w, a, n, M, b, out, dw.data());
   });
