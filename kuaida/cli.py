@@ -113,6 +113,9 @@ def serve(
     prompt_lookup: bool = typer.Option(True, help="Greedy replies (temperature 0) verify tokens drafted "
                                        "from their prompt in the decode step's spare rows: the same "
                                        "replies, faster where they quote the prompt (grounded answers)."),
+    prefill_next_turn: bool = typer.Option(True, help="While idle, write the chat template's tokens that "
+                                           "follow a finished reply (<|im_end|>, the next user header) into "
+                                           "its conversation's cache: the next turn prefills only its message."),
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/sessions, /metrics, web chat at /.
 
@@ -124,7 +127,8 @@ def serve(
     config = ServerConfig(model=model, host=host, port=port, api_key=api_key, dtype=dtype, max_batch=max_batch,
                           max_context=max_context, cache_mb=cache_mb, max_queue=max_queue, db=db,
                           prefix_cache=prefix_cache, kb_dir=kb_dir, knowledge_bases=tuple(kb),
-                          passage_cache_mb=passage_cache_mb, prompt_lookup=prompt_lookup)
+                          passage_cache_mb=passage_cache_mb, prompt_lookup=prompt_lookup,
+                          prefill_next_turn=prefill_next_turn)
     with err.status(f"loading {model} ({dtype}) ..."):
         server_app = create_app(config, load_weights(model, dtype))
     run_server(server_app, on_ready=lambda url: typer.echo(
@@ -189,6 +193,9 @@ def load(
     clients: str = typer.Option("1,2,4,8,16", help="Concurrency levels: a comma list of client counts."),
     turns: int = typer.Option(10, help="Turns per conversation (each resends the growing history)."),
     reply_tokens: int = typer.Option(64, help="max_tokens of each reply."),
+    think_s: float = typer.Option(0.0, "--think-s", help="Seconds the turn curve's user takes to read a reply "
+                                  "and type the next turn (0: at once, as a script would; the concurrency "
+                                  "levels always send at once)."),
     curve_runs: int = typer.Option(2, help="Conversations run one at a time for the TTFT-by-turn curve."),
     peers: bool = typer.Option(True, help="Also load llama.cpp's server (when llama-cpp-python[server] is "
                                "installed and the model is a GGUF)."),
@@ -214,7 +221,7 @@ def load(
     from kuaida.bench.report import rich_table, write_json
 
     levels = parse_clients(clients)
-    settings = LoadSettings(turns=turns, reply_tokens=reply_tokens)
+    settings = LoadSettings(turns=turns, reply_tokens=reply_tokens, think_s=think_s)
     with err.status("benchmarking ...") as status:
         report = run_load(url, model, dtype, levels, settings, curve_runs, peers, api_key, seed,
                           progress=lambda step: status.update(f"benchmarking {step} ..."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -199,12 +200,14 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     """Streams "Hi there!" as three deltas; `mode` makes it refuse (429) or cut the stream."""
     mode = "ok"
     prompts: list[int] = []
+    arrivals: list[float] = []  # time.monotonic() of each request
 
     def log_message(self, *args) -> None:
         pass  # keep pytest's output clean
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeOpenAI.arrivals.append(time.monotonic())
         if self.mode == "429":
             self.send_response(429)
             self.end_headers()
@@ -230,7 +233,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server():
-    FakeOpenAI.mode, FakeOpenAI.prompts = "ok", []
+    FakeOpenAI.mode, FakeOpenAI.prompts, FakeOpenAI.arrivals = "ok", [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -244,6 +247,19 @@ def test_conversation_resends_growing_history(fake_server):
     assert [r.text for r in replies] == ["Hi there!"] * 3 and all(r.ok for r in replies)
     assert FakeOpenAI.prompts == [2, 4, 6]  # system + user, then + assistant + user each turn
     assert replies[2].prompt_tokens > replies[0].prompt_tokens
+
+
+def test_curve_user_thinks_between_turns_and_the_sweep_does_not(fake_server):
+    report = load.run_load(url=fake_server.url, clients=[2], settings=LoadSettings(turns=3, think_s=0.2),
+                           curve_runs=1, peers=False)
+    gaps = [b - a for a, b in zip(FakeOpenAI.arrivals, FakeOpenAI.arrivals[1:])]
+    # warm-up, then the curve: 3 turns and the last message alone, each >= 0.2 s after the previous reply
+    assert all(g >= 0.2 for g in gaps[:4]) and len(gaps) > 4
+    assert min(gaps[4:]) < 0.2  # the sweep: 2 clients at once, back to back
+    assert report["settings"]["curve_think_s"] == 0.2
+    assert "each request 0.2 s after the previous reply" in load.load_markdown(report)
+    with pytest.raises(InvalidArgumentError):
+        load.run_load(url=fake_server.url, clients=[1], settings=LoadSettings(think_s=-1), peers=False)
 
 
 @pytest.mark.parametrize("mode, status", [("429", 429), ("cut", 200)])

@@ -2,6 +2,7 @@
 the queue is bounded, a cancelled request frees its slot."""
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -195,3 +196,51 @@ def test_a_slot_reused_below_its_shared_prefix_stops_sharing_it():
     assert slot.prefix == (7, 5) and slot.cached_ids == list(range(5))
     slot.keep(0)
     assert slot.prefix is None and slot.cached_ids == []
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cond()
+
+
+NEXT_TURN = [3, 4]  # stands in for the template's <|im_end|>\n<|im_start|>user\n
+
+
+def test_next_turn_tokens_are_written_while_idle_and_reused_by_the_next_turn(loaded):
+    sched = make(loaded, next_turn_ids=NEXT_TURN, next_turn_delay_s=0.0)
+    prompt = [5, 6, 7, 8, 9, 10]
+    first = sched.submit(prompt, SamplingParams(**GREEDY))
+    list(first)
+    assert wait_for(lambda: sched.metrics.next_turn_tokens > 0)
+    slot = next(s for s in sched.slots if s.cached_ids[:len(prompt)] == prompt)
+    # The prompt, every reply token (after a length stop the last one too), then the next-turn tokens.
+    assert len(slot.cached_ids) == len(prompt) + first.stats.completion_tokens + len(NEXT_TURN)
+    assert slot.cached_ids[-len(NEXT_TURN):] == NEXT_TURN and slot.ahead is None
+    follow_up = [*slot.cached_ids, 20, 21, 22]
+    text = "".join(reply := sched.submit(follow_up, SamplingParams(**GREEDY)))
+    sched.stop()
+    assert reply.stats.cached_tokens == len(follow_up) - 3  # only the user's new tokens were prefilled
+    assert text == single(loaded, follow_up, **GREEDY)
+
+
+def test_next_turn_tokens_wait_for_idleness_and_give_way_to_requests(loaded):
+    sched = make(loaded, next_turn_ids=NEXT_TURN, next_turn_delay_s=30.0)
+    prompt = [5, 6, 7, 8, 9, 10]
+    first = sched.submit(prompt, SamplingParams(**GREEDY))
+    list(first)
+    slot = next(s for s in sched.slots if s.cached_ids[:len(prompt)] == prompt)
+    assert slot.ahead is not None and slot.ahead[-len(NEXT_TURN):] == NEXT_TURN  # pending, not yet due
+    time.sleep(0.1)
+    assert sched.metrics.next_turn_tokens == 0 and len(slot.cached_ids) < len(prompt) + 12 + len(NEXT_TURN)
+    follow_up = [*prompt, 11, 12]  # the client resent something else: the common prefix is kept
+    text = "".join(reply := sched.submit(follow_up, SamplingParams(**GREEDY)))
+    assert reply.stats.cached_tokens == len(prompt)
+    cancelled = sched.submit([40, 41, 42], SamplingParams(**GREEDY))
+    cancelled.cancel()
+    list(cancelled)
+    sched.stop()
+    assert text == single(loaded, follow_up, **GREEDY)
+    assert all(s.ahead is None for s in sched.slots if s.cached_ids[:3] == [40, 41, 42])  # never for a cancel
+    assert sched.metrics.next_turn_tokens == 0

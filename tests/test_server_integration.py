@@ -168,6 +168,23 @@ def test_prompt_lookup_in_the_server_gives_the_greedy_reply(openai_client, defau
     assert metric(default_server.url, "kuaida_lookup_accepted_tokens_total") > before
 
 
+def test_a_follow_up_turn_finds_the_template_tokens_already_cached(openai_client, default_server):
+    """Once idle, the server writes the template's tokens after a reply (`<|im_end|>\\n<|im_start|>user\\n`,
+    5 tokens for the default model): the next turn reuses the prompt, the reply and those 5."""
+    before = metric(default_server.url, "kuaida_next_turn_prefilled_tokens_total")
+    first = openai_client.chat.completions.create(model="default", messages=QUESTION, max_tokens=24,
+                                                  temperature=0)
+    time.sleep(0.5)  # the server waits 50 ms of idleness, then prefills them (~20 ms)
+    assert metric(default_server.url, "kuaida_next_turn_prefilled_tokens_total") >= before + 5
+    history = [*QUESTION, {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "And the capital of Italy?"}]
+    second = openai_client.chat.completions.create(model="default", messages=history, max_tokens=8,
+                                                   temperature=0)
+    reused = first.usage.prompt_tokens + first.usage.completion_tokens + 5
+    assert second.usage.prompt_tokens_details.cached_tokens == reused
+    assert second.usage.prompt_tokens > reused and second.choices[0].message.content
+
+
 def test_openai_client_errors(openai_client, default_server):
     import openai
 

@@ -68,3 +68,19 @@ def test_a_template_that_refuses_a_later_system_message_gets_it_in_the_next_user
                 {"role": "system", "content": "Passages here."}, {"role": "user", "content": "and then?"}]
     text = tok2.decode(render_prompt(tok2, messages))
     assert "Passages here.\n\nand then?" in text and text.count("<|im_start|>system") == 0
+
+
+def test_next_turn_ids_are_what_follows_a_reply_in_the_next_prompt(tok):
+    """What the server writes ahead after a reply is exactly the stretch the next prompt has between the
+    reply and the user's text."""
+    from kuaida.dialogue.template import next_turn_ids
+
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    reply = "general kenobi"
+    ahead = next_turn_ids(tok)
+    assert tok.decode(ahead) == "<|im_end|>\n<|im_start|>user\n"
+    before = render_prompt(tok, first) + tok.encode(reply, add_special_tokens=False)
+    after = render_prompt(tok, [*first, {"role": "assistant", "content": reply},
+                                {"role": "user", "content": "what next"}])
+    assert after[:len(before) + len(ahead)] == before + ahead
+    assert after[len(before) + len(ahead):] != []  # the user's text and the assistant header remain

@@ -172,6 +172,9 @@ class LoadSettings:
     reply_tokens: int = 64
     temperature: float = 0.0  # greedy: replies (and so history lengths) repeat from run to run
     timeout_s: float = 300.0  # one request, socket inactivity included
+    # The turn curve's user reads each reply and types for this long before the next request (the
+    # concurrency sweep stays back to back: it measures the server at full load).
+    think_s: float = 0.0
 
 
 def chat_stream(target: Target, messages: list[dict[str, str]], settings: LoadSettings, turn: int) -> Reply:
@@ -199,11 +202,15 @@ def chat_stream(target: Target, messages: list[dict[str, str]], settings: LoadSe
         conn.close()
 
 
-def run_conversation(target: Target, user_turns: list[str], settings: LoadSettings) -> list[Reply]:
-    """One client: each turn resends the growing history and appends the streamed reply to it."""
+def run_conversation(target: Target, user_turns: list[str], settings: LoadSettings,
+                     think_s: float = 0.0) -> list[Reply]:
+    """One client: each turn resends the growing history and appends the streamed reply to it (after
+    `think_s` seconds, from the second turn on)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     replies = []
     for turn, text in enumerate(user_turns[:settings.turns], 1):
+        if turn > 1:
+            time.sleep(think_s)
         messages.append({"role": "user", "content": text})
         reply = chat_stream(target, messages, settings, turn)
         replies.append(reply)
@@ -426,11 +433,13 @@ def measure(target: Target, work: Workload, settings: LoadSettings, sweep: bool,
     with OtherCpu() as curve_cpu:
         for i, conversation in enumerate(work.curve if curve else []):
             progress(f"{target.name}: turn curve, conversation {i + 1}/{len(work.curve)}")
-            replies.append(run_conversation(target, conversation, settings))
+            time.sleep(settings.think_s)  # after the previous conversation's last reply
+            replies.append(run_conversation(target, conversation, settings, settings.think_s))
             # Turn 1 and the last turn of a conversation differ in their user message's length, and the
             # tokens to prefill dominate TTFT: also time the last message alone, as a new conversation's
             # first turn, to isolate what the history costs.
             last = replies[-1][-1] if replies[-1] else None
+            time.sleep(settings.think_s)
             alone = run_conversation(target, [conversation[len(replies[-1]) - 1]], settings)[0]
             if last is not None and last.ok and alone.ok and last.ttft_s and alone.ttft_s:
                 same_message.append([round(last.ttft_s * 1000, 1), round(alone.ttft_s * 1000, 1)])
@@ -568,6 +577,8 @@ def run_load(url: str | None = None, model: str = "default", dtype: str = "int8"
     lookup-off sweep measures continuous batching alone."""
     if not clients or min(clients) < 1 or settings.turns < 1 or curve_runs < 1:
         raise InvalidArgumentError("use at least 1 client per level, 1 turn and 1 curve conversation")
+    if settings.think_s < 0:
+        raise InvalidArgumentError(f"--think-s must be 0 or more (got {settings.think_s})")
     progress = progress or (lambda step: log.info("%s", step))
     work = Workload.make(list(clients), curve_runs, settings.turns, seed)
     name = f"server at {url}" if url else f"kuaida {dtype}"
@@ -610,7 +621,7 @@ def run_load(url: str | None = None, model: str = "default", dtype: str = "int8"
                     "temperature": settings.temperature, "curve_conversations": curve_runs, "seed": seed,
                     "dtype": dtype, "url": url, "context": context,
                     "system_prompt_words": len(SYSTEM_PROMPT.split()),
-                    "request_timeout_s": settings.timeout_s}
+                    "request_timeout_s": settings.timeout_s, "curve_think_s": settings.think_s}
     report = make_report("load", model, run_settings, rows, THREADS)
     report["curves"], report["curves_other_cpu_cores"] = curves, curve_cpu
     report["same_message"] = same_message
@@ -670,8 +681,11 @@ def load_markdown(report: dict[str, Any]) -> str:
               f"of at most {BASELINE_CONVERSATIONS} clients, so × 1 client compares the same requests served "
               "one at a time and at once. Output tok/s counts every delivered token over the level's wall "
               "time (time to first token included)."), "", "## Time to first token by turn", "",
-             ("Median over the turn-curve conversations, run one at a time; history tokens = the prompt "
-              "the server reported for that turn."), "", *curve_table(report["curves"]), "",
+             ("Median over the turn-curve conversations, run one at a time"
+              + (f", each request {think:g} s after the previous reply (a user reading and typing)"
+                 if (think := report["settings"].get("curve_think_s")) else ", each request as soon as the "
+                 "previous reply ended") + "; history tokens = the prompt the server reported for that turn."),
+             "", *curve_table(report["curves"]), "",
              "Other processes' CPU while the curves ran (cores): " + ", ".join(
                  f"{name} {cores}" for name, cores in report["curves_other_cpu_cores"].items()),
              "", *same_message_lines(report.get("same_message") or {}), "## Targets", ""]

@@ -88,6 +88,21 @@ def passage_anchor_ids(tokenizer) -> list[int]:
     return ids[:spans[0][0]]
 
 
+def next_turn_ids(tokenizer) -> list[int]:
+    """The tokens the chat template writes between an assistant reply and the next user message's text
+    (ChatML: `<|im_end|>\\n<|im_start|>user\\n`), what the server writes into a finished conversation's
+    cache ahead of its next turn (kuaida.engine.scheduler); [] when the template has no such fixed
+    stretch."""
+    msgs = [{"role": "user", "content": "\ue000"}, {"role": "assistant", "content": "\ue001"},
+            {"role": "user", "content": "\ue002"}]
+    try:
+        text = _apply_template(tokenizer, msgs)
+        between = text[text.index("\ue001") + 1:text.index("\ue002")]
+    except (TemplateError, ValueError):  # a template that cannot render it, or drops a content
+        return []
+    return list(_encode(tokenizer, between, False)) if between else []
+
+
 def _apply_template(tokenizer, msgs: list[dict[str, str]]) -> str:
     """The template's text; a template that refuses a system message after the first message (some
     insist on one leading system prompt) gets each such message put at the start of the next user

@@ -6,6 +6,13 @@ every step then decodes one token for all active requests in one batched forward
 leave their slot's KV behind: a follow-up turn that extends the same token prefix lands on that slot and
 prefills only its new tokens. Idle slots are reused least-recently-used first (an eviction).
 
+With `next_turn_ids` (the chat template's tokens between a reply and the next user message, e.g.
+`<|im_end|>\n<|im_start|>user\n`), a reply that ends by its end-of-turn token or its length leaves them to
+be written after it: once the scheduler has been idle `next_turn_delay_s`, it prefills them into the
+idle slot, so that the conversation's next turn prefills only the user's message (and the template's
+assistant header). A user reads and types for seconds; a client that answers at once is not made to wait
+for it (the delay). A next turn that does not start that way keeps the common prefix, as always.
+
 With prompt lookup (`lookup=LookupConfig()`), a greedy request whose reply repeats its prompt (a grounded
 answer quoting its passages) gets draft tokens (kuaida.engine.lookup) as extra rows of the same decode
 step: each row is its cache row at the next position, so every draft goes through decode's own kernels
@@ -26,6 +33,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence as Seq  # engine.sequence.Sequence is a request
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
@@ -94,6 +102,9 @@ class Slot:
     # with the same key, up to the shorter n (copies of one prefix, see _copy_prefix). Decode steps read such
     # a prefix once for all the rows that share it.
     prefix: tuple[int, int] | None = None
+    # Tokens to write after cached_ids while the scheduler is idle (the reply's unfed last token and the
+    # template's next-turn tokens), or None.
+    ahead: list[int] | None = None
 
     def keep(self, n: int) -> None:
         """Only the first n cached positions stay valid (what follows will be overwritten)."""
@@ -122,14 +133,17 @@ class SchedulerMetrics:
     decoded_tokens: int = 0
     drafted_tokens: int = 0  # prompt-lookup drafts verified
     accepted_tokens: int = 0  # ... that greedy decoding kept
+    next_turn_tokens: int = 0  # written into idle conversations ahead of their next turn
 
 
 class Scheduler:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_ids: set[int], *, max_batch: int = 8,
                  max_context: int | None = None, cache_budget_mb: int = 2048, max_queue: int = 64,
                  enable_prefix_cache: bool = True, passages=None, lookup: LookupConfig | None = None,
-                 lookup_rows: int = 8) -> None:
+                 lookup_rows: int = 8, next_turn_ids: Seq[int] = (), next_turn_delay_s: float = 0.05) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
+        # Written into a finished conversation's slot once idle this long (module docstring); () : off.
+        self.next_turn_ids, self.next_turn_delay_s = list(next_turn_ids), next_turn_delay_s
         # Decode steps without module calls where the model allows (kuaida.model.fused.DecodePlan).
         self.decode_step = decode_plan(model) or functools.partial(model_step, model)
         # Prompt lookup: drafts for greedy requests, up to lookup_rows rows per decode step (rows of the
@@ -207,12 +221,20 @@ class Scheduler:
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
+                ahead = None
                 with self._wake:
                     while not self.waiting and not self.active and not self._stopping:
-                        self._wake.wait()
+                        ahead = self._next_ahead()
+                        if ahead is not None and ahead[1] <= 0:
+                            break
+                        self._wake.wait(None if ahead is None else ahead[1])
                     if self._stopping and not self.active:
                         return
+                    idle = not self.waiting and not self.active
                 try:
+                    if idle and ahead is not None:
+                        self._write_ahead(ahead[0])
+                        continue
                     self._admit()
                     if self.active:
                         self._step()
@@ -221,6 +243,27 @@ class Scheduler:
                     for a in list(self.active):
                         a.slot.keep(0)
                         self._finish(a, KuaidaError(f"generation failed: {e}"))
+
+    def _next_ahead(self) -> tuple[Slot, float] | None:
+        """The idle slot whose next-turn tokens are due first, and the seconds until they are."""
+        pending = [s for s in self.slots if s.ahead is not None and not s.busy]
+        if not pending:
+            return None
+        slot = min(pending, key=lambda s: s.last_used)
+        return slot, slot.last_used + self.next_turn_delay_s - time.perf_counter()
+
+    def _write_ahead(self, slot: Slot) -> None:
+        """Prefill the slot's pending tokens after its cached ones (the scheduler is idle)."""
+        ids, slot.ahead = slot.cached_ids + slot.ahead, None
+        if len(ids) >= self.max_context:  # no room for a next turn anyway
+            return
+        try:
+            prefill_prompt(self.model, self.cache, ids, len(slot.cached_ids), slot.row)
+        except Exception:  # a failure here must not stop the server; the next turn prefills them itself
+            log.exception("writing the next turn's tokens failed")
+            return
+        self.metrics.next_turn_tokens += len(ids) - len(slot.cached_ids)
+        slot.cached_ids = ids
 
     def _pick_slot(self, prompt_ids: list[int]) -> tuple[Slot, int] | None:
         """An idle slot for `prompt_ids` and how many of its tokens are already cached there.
@@ -261,6 +304,7 @@ class Scheduler:
     def _copy_prefix(self, src: Slot, dst: Slot, n: int) -> None:
         """Copy the first n cached positions of src's KV row into dst's row (a shared system prompt:
         ~10 MB for 400 tokens of the default model, far less than prefilling it again)."""
+        dst.ahead = None
         if dst.cached_ids:
             self.metrics.evictions += 1
         for kc, vc in zip(self.cache.k, self.cache.v):
@@ -285,7 +329,7 @@ class Scheduler:
             self._start(stream, seq, slot, n_cached)
 
     def _start(self, stream: Stream, seq: Sequence, slot: Slot, n_cached: int) -> None:
-        slot.busy = True
+        slot.busy, slot.ahead = True, None
         seq.stats.queue_s = time.perf_counter() - seq.t0
         seq.stats.cached_tokens = n_cached
         self.metrics.cache_hits += n_cached > 0
@@ -403,7 +447,15 @@ class Scheduler:
             self._finish(a)
 
     def _finish(self, a: Active, error: BaseException | None = None) -> None:
-        if error is None and (tail := a.seq.text_tail()):
+        tail = a.seq.text_tail() if error is None else ""  # may find a stop string
+        reason = a.seq.stats.finish_reason
+        # Before _DONE: the server cancels every stream it has read to the end (a no-op for the scheduler).
+        if (self.next_turn_ids and self.enable_prefix_cache and error is None and reason in ("stop", "length") and not a.seq.stopper.stopped
+                and not a.stream.cancelled.is_set()):
+            # The history the next turn resends: the reply as generated (its last token is not in the cache
+            # yet after a length stop; an end-of-turn token never is), then the template's next-turn tokens.
+            a.slot.ahead = ([a.last_token] if reason == "length" else []) + self.next_turn_ids
+        if tail:
             a.stream.put(tail)
         if error is not None:
             a.seq.finish("error")

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kuaida.dialogue.retrieval import Retriever
 from kuaida.dialogue.store import SessionStore
-from kuaida.dialogue.template import end_of_turn_ids
+from kuaida.dialogue.template import end_of_turn_ids, next_turn_ids
 from kuaida.engine.lookup import LookupConfig
 from kuaida.engine.scheduler import Scheduler
 from kuaida.errors import (
@@ -80,6 +80,9 @@ class ServerConfig:
     # Prompt-lookup drafts for greedy requests (temperature 0), verified in the decode step's spare rows
     # (kuaida.engine.scheduler): the same replies, faster where they copy their prompt (grounded answers).
     prompt_lookup: bool = True
+    # While idle, write the template's next-turn tokens after each finished reply (kuaida.engine.scheduler):
+    # a conversation's next turn prefills only the user's message.
+    prefill_next_turn: bool = True
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_context": self.max_context >= 2,
@@ -123,7 +126,8 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
                           enable_prefix_cache=config.prefix_cache,
                           passages=make_passage_cache(loaded.model, loaded.tokenizer,
                                                       config.passage_cache_mb),
-                          lookup=LookupConfig() if config.prompt_lookup else None)
+                          lookup=LookupConfig() if config.prompt_lookup else None,
+                          next_turn_ids=next_turn_ids(loaded.tokenizer) if config.prefill_next_turn else ())
     store = SessionStore(config.db_path)
     metrics = ServerMetrics(scheduler)
     retriever = Retriever(config.kb_dir)

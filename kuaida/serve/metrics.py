@@ -38,6 +38,8 @@ class SchedulerCollector:
         "decoded_tokens": ("kuaida_decoded_tokens", "Tokens decoded, over all requests."),
         "drafted_tokens": ("kuaida_lookup_drafted_tokens", "Prompt-lookup draft tokens verified."),
         "accepted_tokens": ("kuaida_lookup_accepted_tokens", "Prompt-lookup draft tokens kept."),
+        "next_turn_tokens": ("kuaida_next_turn_prefilled_tokens",
+                             "Chat-template tokens written into idle conversations ahead of their next turn."),
     }
 
     def __init__(self, scheduler: Scheduler) -> None:

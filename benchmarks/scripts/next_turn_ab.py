@@ -1,0 +1,103 @@
+"""Next-turn tokens written ahead (kuaida.engine.scheduler) on or off: two `kuaida serve` processes on the
+default model (int8), the same multi-turn chitchat conversations on both, turns taking turns between the
+servers, each reply followed by a user's think time (the feature works while the server is idle; a client
+that answers within 50 ms gets no benefit and pays nothing).
+
+    python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--md PATH] [--json PATH]
+    # defaults: 5 conversations of 10 turns, 1.0 s think time
+
+Prints a Markdown table: per turn, the median time to first token of each server and the tokens each
+prefilled. Results: benchmarks/results/next-turn.md.
+"""
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from kuaida.bench.load import (
+    SYSTEM_PROMPT,
+    THREADS,
+    LoadSettings,
+    chat_stream,
+    free_port,
+    kuaida_command,
+    serving,
+    user_sides,
+)
+from kuaida.bench.report import command_line, machine_info
+
+TURNS = 10
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("conversations", type=int, nargs="?", default=5)
+    ap.add_argument("think_s", type=float, nargs="?", default=1.0)
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    settings = LoadSettings(turns=TURNS)
+    conversations = user_sides(args.conversations, TURNS)
+    names = {"on": [], "off": ["--no-prefill-next-turn"]}
+    rows = {name: [[] for _ in range(TURNS)] for name in names}  # per turn: (ttft ms, prefilled tokens)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        targets = {}
+        for name, extra in names.items():  # both servers at once, each with its own session database
+            port = free_port()
+            cmd = kuaida_command("default", "int8", True, port) + ["--db", f"{tmp}/{name}.db", *extra]
+            targets[name] = stack.enter_context(serving(name, cmd, port, "/health", Path(tmp)))
+        for target in targets.values():  # first-call allocations, untimed
+            chat_stream(target, [{"role": "user", "content": "Hi!"}], settings, 1)
+        for i, user in enumerate(conversations, 1):
+            history = {name: [{"role": "system", "content": SYSTEM_PROMPT}] for name in names}
+            for turn, text in enumerate(user):
+                for name, target in targets.items():
+                    history[name].append({"role": "user", "content": text})
+                    reply = chat_stream(target, history[name], settings, turn + 1)
+                    if not reply.ok:
+                        raise SystemExit(f"{name}, conversation {i}, turn {turn + 1}: {reply.problem()}")
+                    history[name].append({"role": "assistant", "content": reply.text})
+                    rows[name][turn].append((reply.ttft_s * 1000, reply.prompt_tokens - reply.cached_tokens))
+                    time.sleep(args.think_s)
+            print(f"conversation {i}/{len(conversations)} done", flush=True)
+    report = {"command": command_line(), "machine": machine_info(THREADS),
+              "conversations": args.conversations, "think_s": args.think_s,
+              "turns": [{"turn": turn + 1, **{name: {"ttft_ms_each": [round(t, 1) for t, _ in rows[name][turn]],
+                                                     "prefilled_each": [n for _, n in rows[name][turn]]}
+                                              for name in names}} for turn in range(TURNS)]}
+    text = to_markdown(report)
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = ["# Next-turn tokens written ahead: on / off", "",
+             (f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['date']}, "
+              f"load average {' / '.join(map(str, m['load_average']))}, kuaida {m['kuaida']} ({m['git']})  "),
+             f"Command: `{report['command']}`  ",
+             (f"{report['conversations']} conversations x {TURNS} turns on each server, {report['think_s']} s "
+              "think time after every reply; medians over the conversations."), "",
+             "| turn | TTFT ms, written ahead | prefilled tokens | TTFT ms, off | prefilled tokens | off / on |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    ratios = []
+    for row in report["turns"]:
+        on, off = row["on"], row["off"]
+        ton, toff = statistics.median(on["ttft_ms_each"]), statistics.median(off["ttft_ms_each"])
+        lines.append(f"| {row['turn']} | {ton:.0f} | {statistics.median(on['prefilled_each']):.0f} | {toff:.0f} | "
+                     f"{statistics.median(off['prefilled_each']):.0f} | {toff / ton:.2f}x |")
+        if row["turn"] > 1:
+            ratios += [b / a for a, b in zip(on["ttft_ms_each"], off["ttft_ms_each"])]
+    lines += ["", (f"Turns 2-{TURNS}: median off / on TTFT over every (turn, conversation) pair "
+                   f"{statistics.median(ratios):.2f}x ({len(ratios)} pairs).")]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
