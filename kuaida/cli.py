@@ -115,7 +115,8 @@ def serve(
                                        "replies, faster where they quote the prompt (grounded answers)."),
     prefill_next_turn: bool = typer.Option(True, help="While idle, write the chat template's tokens that "
                                            "follow a finished reply (<|im_end|>, the next user header) into "
-                                           "its conversation's cache: the next turn prefills only its message."),
+                                           "its conversation's cache: the next turn prefills only its "
+                                           "message."),
 ):
     """OpenAI-compatible server: /v1/chat/completions, /v1/models, /v1/sessions, /metrics, web chat at /.
 
@@ -193,9 +194,9 @@ def load(
     clients: str = typer.Option("1,2,4,8,16", help="Concurrency levels: a comma list of client counts."),
     turns: int = typer.Option(10, help="Turns per conversation (each resends the growing history)."),
     reply_tokens: int = typer.Option(64, help="max_tokens of each reply."),
-    think_s: float = typer.Option(0.0, "--think-s", help="Seconds the turn curve's user takes to read a reply "
-                                  "and type the next turn (0: at once, as a script would; the concurrency "
-                                  "levels always send at once)."),
+    think_s: float = typer.Option(0.0, "--think-s", help="Seconds the turn curve's user takes to read a "
+                                  "reply and type the next turn (0: at once, as a script would; the "
+                                  "concurrency levels always send at once)."),
     curve_runs: int = typer.Option(2, help="Conversations run one at a time for the TTFT-by-turn curve."),
     peers: bool = typer.Option(True, help="Also load llama.cpp's server (when llama-cpp-python[server] is "
                                "installed and the model is a GGUF)."),

@@ -1,7 +1,8 @@
 """Next-turn tokens written ahead (kuaida.engine.scheduler) on or off: two `kuaida serve` processes on the
 default model (int8), the same multi-turn chitchat conversations on both, turns taking turns between the
-servers, each reply followed by a user's think time (the feature works while the server is idle; a client
-that answers within 50 ms gets no benefit and pays nothing).
+servers (which goes first alternates by conversation), each reply followed by a user's think time (the
+feature works while the server is idle; a client that answers within 50 ms gets no benefit and pays
+nothing).
 
     python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--md PATH] [--json PATH]
     # defaults: 5 conversations of 10 turns, 1.0 s think time
@@ -53,8 +54,11 @@ def main() -> None:
             chat_stream(target, [{"role": "user", "content": "Hi!"}], settings, 1)
         for i, user in enumerate(conversations, 1):
             history = {name: [{"role": "system", "content": SYSTEM_PROMPT}] for name in names}
+            # Which server goes first alternates by conversation (the first one's request follows the other's
+            # think time, the second's its own: no order effect left in the medians).
+            order = list(targets.items())[::1 if i % 2 else -1]
             for turn, text in enumerate(user):
-                for name, target in targets.items():
+                for name, target in order:
                     history[name].append({"role": "user", "content": text})
                     reply = chat_stream(target, history[name], settings, turn + 1)
                     if not reply.ok:
@@ -64,10 +68,11 @@ def main() -> None:
                     time.sleep(args.think_s)
             print(f"conversation {i}/{len(conversations)} done", flush=True)
     report = {"command": command_line(), "machine": machine_info(THREADS),
-              "conversations": args.conversations, "think_s": args.think_s,
-              "turns": [{"turn": turn + 1, **{name: {"ttft_ms_each": [round(t, 1) for t, _ in rows[name][turn]],
-                                                     "prefilled_each": [n for _, n in rows[name][turn]]}
-                                              for name in names}} for turn in range(TURNS)]}
+              "conversations": args.conversations, "think_s": args.think_s, "turns": []}
+    for turn in range(TURNS):
+        report["turns"].append({"turn": turn + 1, **{
+            name: {"ttft_ms_each": [round(t, 1) for t, _ in rows[name][turn]],
+                   "prefilled_each": [n for _, n in rows[name][turn]]} for name in names}})
     text = to_markdown(report)
     print(text)
     if args.md:
@@ -78,20 +83,22 @@ def main() -> None:
 
 def to_markdown(report: dict) -> str:
     m = report["machine"]
-    lines = ["# Next-turn tokens written ahead: on / off", "",
-             (f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['date']}, "
-              f"load average {' / '.join(map(str, m['load_average']))}, kuaida {m['kuaida']} ({m['git']})  "),
-             f"Command: `{report['command']}`  ",
-             (f"{report['conversations']} conversations x {TURNS} turns on each server, {report['think_s']} s "
-              "think time after every reply; medians over the conversations."), "",
-             "| turn | TTFT ms, written ahead | prefilled tokens | TTFT ms, off | prefilled tokens | off / on |",
+    machine = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
+               f"{m['date']}, load average {' / '.join(map(str, m['load_average']))}, kuaida {m['kuaida']} "
+               f"({m['git']})  ")
+    lines = ["# Next-turn tokens written ahead: on / off", "", machine, f"Command: `{report['command']}`  ",
+             (f"{report['conversations']} conversations x {TURNS} turns on each server, {report['think_s']} "
+              "s think time after every reply; medians over the conversations."), "",
+             ("| turn | TTFT ms, written ahead | prefilled tokens | TTFT ms, off | prefilled tokens "
+              "| off / on |"),
              "| --- | --- | --- | --- | --- | --- |"]
     ratios = []
     for row in report["turns"]:
         on, off = row["on"], row["off"]
         ton, toff = statistics.median(on["ttft_ms_each"]), statistics.median(off["ttft_ms_each"])
-        lines.append(f"| {row['turn']} | {ton:.0f} | {statistics.median(on['prefilled_each']):.0f} | {toff:.0f} | "
-                     f"{statistics.median(off['prefilled_each']):.0f} | {toff / ton:.2f}x |")
+        pon, poff = statistics.median(on["prefilled_each"]), statistics.median(off["prefilled_each"])
+        ratio = toff / ton
+        lines.append(f"| {row['turn']} | {ton:.0f} | {pon:.0f} | {toff:.0f} | {poff:.0f} | {ratio:.2f}x |")
         if row["turn"] > 1:
             ratios += [b / a for a, b in zip(on["ttft_ms_each"], off["ttft_ms_each"])]
     lines += ["", (f"Turns 2-{TURNS}: median off / on TTFT over every (turn, conversation) pair "

@@ -683,8 +683,9 @@ def load_markdown(report: dict[str, Any]) -> str:
               "time (time to first token included)."), "", "## Time to first token by turn", "",
              ("Median over the turn-curve conversations, run one at a time"
               + (f", each request {think:g} s after the previous reply (a user reading and typing)"
-                 if (think := report["settings"].get("curve_think_s")) else ", each request as soon as the "
-                 "previous reply ended") + "; history tokens = the prompt the server reported for that turn."),
+                 if (think := report["settings"].get("curve_think_s"))
+                 else ", each request as soon as the previous reply ended")
+              + "; history tokens = the prompt the server reported for that turn."),
              "", *curve_table(report["curves"]), "",
              "Other processes' CPU while the curves ran (cores): " + ", ".join(
                  f"{name} {cores}" for name, cores in report["curves_other_cpu_cores"].items()),

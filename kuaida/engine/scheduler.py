@@ -450,8 +450,8 @@ class Scheduler:
         tail = a.seq.text_tail() if error is None else ""  # may find a stop string
         reason = a.seq.stats.finish_reason
         # Before _DONE: the server cancels every stream it has read to the end (a no-op for the scheduler).
-        if (self.next_turn_ids and self.enable_prefix_cache and error is None and reason in ("stop", "length") and not a.seq.stopper.stopped
-                and not a.stream.cancelled.is_set()):
+        if (self.next_turn_ids and self.enable_prefix_cache and error is None and reason in ("stop", "length")
+                and not a.seq.stopper.stopped and not a.stream.cancelled.is_set()):
             # The history the next turn resends: the reply as generated (its last token is not in the cache
             # yet after a length stop; an end-of-turn token never is), then the template's next-turn tokens.
             a.slot.ahead = ([a.last_token] if reason == "length" else []) + self.next_turn_ids

@@ -39,7 +39,7 @@ class SchedulerCollector:
         "drafted_tokens": ("kuaida_lookup_drafted_tokens", "Prompt-lookup draft tokens verified."),
         "accepted_tokens": ("kuaida_lookup_accepted_tokens", "Prompt-lookup draft tokens kept."),
         "next_turn_tokens": ("kuaida_next_turn_prefilled_tokens",
-                             "Chat-template tokens written into idle conversations ahead of their next turn."),
+                             "Chat-template tokens written into idle conversations before their next turn."),
     }
 
     def __init__(self, scheduler: Scheduler) -> None:
