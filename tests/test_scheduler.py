@@ -244,3 +244,14 @@ def test_next_turn_tokens_wait_for_idleness_and_give_way_to_requests(loaded):
     assert text == single(loaded, follow_up, **GREEDY)
     assert all(s.ahead is None for s in sched.slots if s.cached_ids[:3] == [40, 41, 42])  # never for a cancel
     assert sched.metrics.next_turn_tokens == 0
+
+
+def test_a_grounded_conversation_gets_the_grounded_next_turn_tokens(loaded):
+    grounded = [7, 8, 9]  # stands in for <|im_end|>\n<|im_start|>system\n + the passages instruction
+    sched = make(loaded, next_turn_ids=NEXT_TURN, grounded_next_turn_ids=grounded, next_turn_delay_s=30.0)
+    plain, with_passage = [5, 6, 7, 8, 9, 10], [60, 61, 62, 63, 64, 65]
+    list(sched.submit(plain, SamplingParams(**GREEDY)))
+    list(sched.submit(with_passage, SamplingParams(**GREEDY), spans=[(1, 4)]))  # tokens 1-3: a passage
+    sched.stop()
+    ahead = {tuple(s.cached_ids[:6]): s.ahead for s in sched.slots if s.ahead}
+    assert ahead[tuple(plain)][-2:] == NEXT_TURN and ahead[tuple(with_passage)][-3:] == grounded

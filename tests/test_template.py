@@ -84,3 +84,21 @@ def test_next_turn_ids_are_what_follows_a_reply_in_the_next_prompt(tok):
                                 {"role": "user", "content": "what next"}])
     assert after[:len(before) + len(ahead)] == before + ahead
     assert after[len(before) + len(ahead):] != []  # the user's text and the assistant header remain
+
+
+def test_grounded_next_turn_ids_reach_the_next_turns_first_passage(tok):
+    """For a conversation grounded in a knowledge base: the stretch after the reply runs through the passages
+    message's header and instruction, exactly as render_prompt tokenizes a prompt holding passages."""
+    from kuaida.dialogue.grounding import INSTRUCTION, passages_message
+    from kuaida.dialogue.template import _encode, next_turn_ids
+
+    ahead = next_turn_ids(tok, grounded=True)
+    assert tok.decode(ahead) == f"<|im_end|>\n<|im_start|>system\n{INSTRUCTION}\n\n"
+    spans: list[tuple[int, int]] = []
+    reply = "general kenobi"
+    msgs = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": reply},
+            passages_message(["the hub blinks amber", "hold reset"]), {"role": "user", "content": "why?"}]
+    ids = render_prompt(tok, msgs, spans)
+    first = spans[0][0]
+    reply_ids = list(_encode(tok, reply, True))
+    assert ids[first - len(ahead) - len(reply_ids):first] == reply_ids + ahead

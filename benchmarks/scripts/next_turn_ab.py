@@ -4,8 +4,13 @@ servers (which goes first alternates by conversation), each reply followed by a 
 feature works while the server is idle; a client that answers within 50 ms gets no benefit and pays
 nothing).
 
-    python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--md PATH] [--json PATH]
+    python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--turns N] [--kb] [--md PATH] [--json PATH]
     # defaults: 5 conversations of 10 turns, 1.0 s think time
+
+--kb: conversations grounded in the shipped sample knowledge base instead (each turn one of its
+customer questions, asked with `knowledge: {"base": "homehub"}`: the servers put the passages found
+before each user message, and write the ~45 tokens up to the next turn's passages ahead; ~500 tokens a
+turn: use --turns 5 to stay within the 4,096-token context).
 
 Prints a Markdown table: per turn, the median time to first token of each server and the tokens each
 prefilled. Results: benchmarks/results/next-turn.md.
@@ -18,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kuaida.bench.kb import QUESTIONS_FILE, SAMPLE, load_questions, sample_path
 from kuaida.bench.load import (
     SYSTEM_PROMPT,
     THREADS,
@@ -30,25 +36,41 @@ from kuaida.bench.load import (
 )
 from kuaida.bench.report import command_line, machine_info
 
-TURNS = 10
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("conversations", type=int, nargs="?", default=5)
     ap.add_argument("think_s", type=float, nargs="?", default=1.0)
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--kb", action="store_true", help="grounded conversations on the sample base")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    settings = LoadSettings(turns=TURNS)
-    conversations = user_sides(args.conversations, TURNS)
+    turns = args.turns
+    settings = LoadSettings(turns=turns)
     names = {"on": [], "off": ["--no-prefill-next-turn"]}
-    rows = {name: [[] for _ in range(TURNS)] for name in names}  # per turn: (ttft ms, prefilled tokens)
+    extra = None
+    if args.kb:  # 61 questions: conversations of `turns` consecutive ones, wrapping around
+        questions = [q.question for q in load_questions(sample_path() / QUESTIONS_FILE)]
+        conversations = [[questions[(i * turns + t) % len(questions)] for t in range(turns)]
+                         for i in range(args.conversations)]
+        extra = {"knowledge": {"base": SAMPLE}}
+    else:
+        conversations = user_sides(args.conversations, turns)
+    rows = {name: [[] for _ in range(turns)] for name in names}  # per turn: (ttft ms, prefilled tokens)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        kb_args = []
+        if args.kb:
+            from kuaida.knowledge import create_kb
+
+            create_kb(SAMPLE, root=Path(tmp)).add([str(p) for p in sample_path().iterdir()
+                                                   if p.name != QUESTIONS_FILE])
+            kb_args = ["--kb", SAMPLE, "--kb-dir", tmp]
         targets = {}
-        for name, extra in names.items():  # both servers at once, each with its own session database
+        for name, flags in names.items():  # both servers at once, each with its own session database
             port = free_port()
-            cmd = kuaida_command("default", "int8", True, port) + ["--db", f"{tmp}/{name}.db", *extra]
+            db = ["--db", f"{tmp}/{name}.db"]
+            cmd = [*kuaida_command("default", "int8", True, port), *db, *flags, *kb_args]
             targets[name] = stack.enter_context(serving(name, cmd, port, "/health", Path(tmp)))
         for target in targets.values():  # first-call allocations, untimed
             chat_stream(target, [{"role": "user", "content": "Hi!"}], settings, 1)
@@ -60,7 +82,7 @@ def main() -> None:
             for turn, text in enumerate(user):
                 for name, target in order:
                     history[name].append({"role": "user", "content": text})
-                    reply = chat_stream(target, history[name], settings, turn + 1)
+                    reply = chat_stream(target, history[name], settings, turn + 1, extra)
                     if not reply.ok:
                         raise SystemExit(f"{name}, conversation {i}, turn {turn + 1}: {reply.problem()}")
                     history[name].append({"role": "assistant", "content": reply.text})
@@ -68,8 +90,8 @@ def main() -> None:
                     time.sleep(args.think_s)
             print(f"conversation {i}/{len(conversations)} done", flush=True)
     report = {"command": command_line(), "machine": machine_info(THREADS),
-              "conversations": args.conversations, "think_s": args.think_s, "turns": []}
-    for turn in range(TURNS):
+              "conversations": args.conversations, "think_s": args.think_s, "knowledge": args.kb, "turns": []}
+    for turn in range(turns):
         report["turns"].append({"turn": turn + 1, **{
             name: {"ttft_ms_each": [round(t, 1) for t, _ in rows[name][turn]],
                    "prefilled_each": [n for _, n in rows[name][turn]]} for name in names}})
@@ -87,8 +109,10 @@ def to_markdown(report: dict) -> str:
                f"{m['date']}, load average {' / '.join(map(str, m['load_average']))}, kuaida {m['kuaida']} "
                f"({m['git']})  ")
     lines = ["# Next-turn tokens written ahead: on / off", "", machine, f"Command: `{report['command']}`  ",
-             (f"{report['conversations']} conversations x {TURNS} turns on each server, {report['think_s']} "
-              "s think time after every reply; medians over the conversations."), "",
+             (f"{report['conversations']} conversations x {len(report['turns'])} turns on each server, {report['think_s']} "
+              "s think time after every reply; medians over the conversations."
+              + (" Grounded: each turn a question about the sample knowledge base, asked with it."
+                 if report.get("knowledge") else "")), "",
              ("| turn | TTFT ms, written ahead | prefilled tokens | TTFT ms, off | prefilled tokens "
               "| off / on |"),
              "| --- | --- | --- | --- | --- | --- |"]
@@ -101,7 +125,7 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {row['turn']} | {ton:.0f} | {pon:.0f} | {toff:.0f} | {poff:.0f} | {ratio:.2f}x |")
         if row["turn"] > 1:
             ratios += [b / a for a, b in zip(on["ttft_ms_each"], off["ttft_ms_each"])]
-    lines += ["", (f"Turns 2-{TURNS}: median off / on TTFT over every (turn, conversation) pair "
+    lines += ["", (f"Turns 2-{len(report['turns'])}: median off / on TTFT over every (turn, conversation) pair "
                    f"{statistics.median(ratios):.2f}x ({len(ratios)} pairs).")]
     return "\n".join(lines) + "\n"
 

@@ -177,10 +177,12 @@ class LoadSettings:
     think_s: float = 0.0
 
 
-def chat_stream(target: Target, messages: list[dict[str, str]], settings: LoadSettings, turn: int) -> Reply:
-    """POST one streaming chat completion and time it."""
+def chat_stream(target: Target, messages: list[dict[str, str]], settings: LoadSettings, turn: int,
+                extra: dict[str, Any] | None = None) -> Reply:
+    """POST one streaming chat completion and time it (`extra`: more body fields, e.g. kuaida's
+    `knowledge`)."""
     body = {"model": "default", "messages": messages, "stream": True, "max_tokens": settings.reply_tokens,
-            "temperature": settings.temperature, "stream_options": {"include_usage": True}}
+            "temperature": settings.temperature, "stream_options": {"include_usage": True}, **(extra or {})}
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if target.api_key:
         headers["Authorization"] = f"Bearer {target.api_key}"

@@ -88,19 +88,27 @@ def passage_anchor_ids(tokenizer) -> list[int]:
     return ids[:spans[0][0]]
 
 
-def next_turn_ids(tokenizer) -> list[int]:
+def next_turn_ids(tokenizer, grounded: bool = False) -> list[int]:
     """The tokens the chat template writes between an assistant reply and the next user message's text
     (ChatML: `<|im_end|>\\n<|im_start|>user\\n`), what the server writes into a finished conversation's
     cache ahead of its next turn (kuaida.engine.scheduler); [] when the template has no such fixed
-    stretch."""
-    msgs = [{"role": "user", "content": "\ue000"}, {"role": "assistant", "content": "\ue001"},
-            {"role": "user", "content": "\ue002"}]
+    stretch. `grounded`: up to the first passage of a next turn that brings knowledge-base passages (the
+    template's tokens, the passages message's header and the instruction: kuaida.dialogue.grounding), as
+    render_prompt tokenizes a prompt holding passages ([] when the template merges that message away)."""
+    from kuaida.dialogue.grounding import PASSAGE, passages_message
+
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    msgs += [passages_message(["x"])] if grounded else []
+    msgs += [{"role": "user", "content": "c"}]
     try:
-        text = _apply_template(tokenizer, msgs)
-        between = text[text.index("\ue001") + 1:text.index("\ue002")]
-    except (TemplateError, ValueError):  # a template that cannot render it, or drops a content
+        text = _apply_template(tokenizer, [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(msgs)])
+    except TemplateError:
         return []
-    return list(_encode(tokenizer, between, False)) if between else []
+    parts = _MARK.split(text)  # even: the template's text; odd: a message index
+    if parts[3:6:2] != ["1", "2"]:  # the reply's content, then the next message's (not dropped or merged)
+        return []
+    ids = list(_encode(tokenizer, parts[4], False)) if parts[4] else []
+    return ids + list(_encode(tokenizer, PASSAGE.split(msgs[2]["content"])[0], True)) if grounded else ids
 
 
 def _apply_template(tokenizer, msgs: list[dict[str, str]]) -> str:

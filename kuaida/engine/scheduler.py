@@ -10,8 +10,11 @@ With `next_turn_ids` (the chat template's tokens between a reply and the next us
 `<|im_end|>\n<|im_start|>user\n`), a reply that ends by its end-of-turn token or its length leaves them to
 be written after it: once the scheduler has been idle `next_turn_delay_s`, it prefills them into the
 idle slot, so that the conversation's next turn prefills only the user's message (and the template's
-assistant header). A user reads and types for seconds; a client that answers at once is not made to wait
-for it (the delay). A next turn that does not start that way keeps the common prefix, as always.
+assistant header). A conversation grounded in a knowledge base (its prompt holds passages) gets
+`grounded_next_turn_ids` instead, when given: up to its next turn's first passage (the passages message's
+header and instruction), ~45 tokens for the default model. A user reads and types for seconds; a client
+that answers at once is not made to wait for it (the delay). A next turn that does not start that way
+(a grounded turn without new passages, say) keeps the common prefix, as always.
 
 With prompt lookup (`lookup=LookupConfig()`), a greedy request whose reply repeats its prompt (a grounded
 answer quoting its passages) gets draft tokens (kuaida.engine.lookup) as extra rows of the same decode
@@ -140,10 +143,12 @@ class Scheduler:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_ids: set[int], *, max_batch: int = 8,
                  max_context: int | None = None, cache_budget_mb: int = 2048, max_queue: int = 64,
                  enable_prefix_cache: bool = True, passages=None, lookup: LookupConfig | None = None,
-                 lookup_rows: int = 8, next_turn_ids: Seq[int] = (), next_turn_delay_s: float = 0.05) -> None:
+                 lookup_rows: int = 8, next_turn_ids: Seq[int] = (), grounded_next_turn_ids: Seq[int] = (),
+                 next_turn_delay_s: float = 0.05) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
         # Written into a finished conversation's slot once idle this long (module docstring); () : off.
         self.next_turn_ids, self.next_turn_delay_s = list(next_turn_ids), next_turn_delay_s
+        self.grounded_next_turn_ids = list(grounded_next_turn_ids or next_turn_ids)
         # Decode steps without module calls where the model allows (kuaida.model.fused.DecodePlan).
         self.decode_step = decode_plan(model) or functools.partial(model_step, model)
         # Prompt lookup: drafts for greedy requests, up to lookup_rows rows per decode step (rows of the
@@ -454,7 +459,8 @@ class Scheduler:
                 and not a.seq.stopper.stopped and not a.stream.cancelled.is_set()):
             # The history the next turn resends: the reply as generated (its last token is not in the cache
             # yet after a length stop; an end-of-turn token never is), then the template's next-turn tokens.
-            a.slot.ahead = ([a.last_token] if reason == "length" else []) + self.next_turn_ids
+            following = self.grounded_next_turn_ids if a.seq.spans else self.next_turn_ids
+            a.slot.ahead = ([a.last_token] if reason == "length" else []) + following
         if tail:
             a.stream.put(tail)
         if error is not None:

@@ -120,6 +120,7 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
     if loaded.backend == "gru":
         raise UnsupportedModelError(f"{config.model} is a recurrent (GRU) student: it runs in `kuaida chat` and the "
                                     "Python API; the server batches KV caches and needs a Transformer")
+    ahead = config.prefill_next_turn
     scheduler = Scheduler(loaded.model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer, loaded.path),
                           max_batch=config.max_batch, max_context=config.max_context,
                           cache_budget_mb=config.cache_mb, max_queue=config.max_queue,
@@ -127,7 +128,8 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
                           passages=make_passage_cache(loaded.model, loaded.tokenizer,
                                                       config.passage_cache_mb),
                           lookup=LookupConfig() if config.prompt_lookup else None,
-                          next_turn_ids=next_turn_ids(loaded.tokenizer) if config.prefill_next_turn else ())
+                          next_turn_ids=next_turn_ids(loaded.tokenizer) if ahead else (),
+                          grounded_next_turn_ids=next_turn_ids(loaded.tokenizer, grounded=True) if ahead else ())
     store = SessionStore(config.db_path)
     metrics = ServerMetrics(scheduler)
     retriever = Retriever(config.kb_dir)
