@@ -4,7 +4,7 @@ servers (which goes first alternates by conversation), each reply followed by a 
 feature works while the server is idle; a client that answers within 50 ms gets no benefit and pays
 nothing).
 
-    python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--turns N] [--kb] [--md PATH] [--json PATH]
+    python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--turns N] [--kb] [--md P] [--json P]
     # defaults: 5 conversations of 10 turns, 1.0 s think time
 
 --kb: conversations grounded in the shipped sample knowledge base instead (each turn one of its
@@ -108,9 +108,10 @@ def to_markdown(report: dict) -> str:
     machine = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
                f"{m['date']}, load average {' / '.join(map(str, m['load_average']))}, kuaida {m['kuaida']} "
                f"({m['git']})  ")
+    n = len(report["turns"])
     lines = ["# Next-turn tokens written ahead: on / off", "", machine, f"Command: `{report['command']}`  ",
-             (f"{report['conversations']} conversations x {len(report['turns'])} turns on each server, {report['think_s']} "
-              "s think time after every reply; medians over the conversations."
+             (f"{report['conversations']} conversations x {n} turns on each server, {report['think_s']} s "
+              "think time after every reply; medians over the conversations."
               + (" Grounded: each turn a question about the sample knowledge base, asked with it."
                  if report.get("knowledge") else "")), "",
              ("| turn | TTFT ms, written ahead | prefilled tokens | TTFT ms, off | prefilled tokens "
@@ -125,7 +126,7 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {row['turn']} | {ton:.0f} | {pon:.0f} | {toff:.0f} | {poff:.0f} | {ratio:.2f}x |")
         if row["turn"] > 1:
             ratios += [b / a for a, b in zip(on["ttft_ms_each"], off["ttft_ms_each"])]
-    lines += ["", (f"Turns 2-{len(report['turns'])}: median off / on TTFT over every (turn, conversation) pair "
+    lines += ["", (f"Turns 2-{n}: median off / on TTFT over every (turn, conversation) pair "
                    f"{statistics.median(ratios):.2f}x ({len(ratios)} pairs).")]
     return "\n".join(lines) + "\n"
 
