@@ -296,9 +296,8 @@ def test_int8_rows16_kernel_matches_the_reference_and_is_row_independent(n, k, g
     """int8_linear_rows16 (AVX2: activations on a 16-bit grid per 32-block, vpmaddwd): within that grid's
     bound of the exact dequantized product (each x_i moves by at most absmax_b / 65534), at 1-33 rows (full
     and partial tiles, an N not a multiple of the weight-row tile, an odd number of 32-blocks, 3-d input,
-    with and without bias), and each row's output
-    bitwise the same as that row alone, whatever the rows around it, the register tile and the thread count
-    (the scheduler's row_independent() relies on it)."""
+    with and without bias), and each row's output bitwise the same as that row alone, whatever the rows
+    around it, the register tile and the thread count (the scheduler's row_independent() relies on it)."""
     wargs, deq, scaled = make("int8", n, k, group, seed=n + k)
     ext = kernels._load()
     op = ext.int8_linear_rows16

@@ -689,7 +689,8 @@ Acts16 quantize_acts16(const float* x, int64_t M, int64_t K) {
 // y[i0 : i0 + MR, n0 : n0 + NR]; dw [NR, K / 32] (row_scales).
 // The tile's loops are unrolled by pragma (KUAIDA_UNROLL): left to itself GCC kept the accumulator array in
 // memory, storing every accumulator each block and running one of them as a load-FMA-store chain through
-// the stack. Unrolled, the 4 x 2 tile keeps its accumulators in registers: 1.11x at 8 rows, 1.16x at 48
+// the stack. Unrolled, the 4 x 2 tile keeps seven of its eight accumulators in registers (one still runs
+// through the stack: 17 live vectors for 16 registers; GCC 12): 1.11x at 8 rows, 1.16x at 48
 // (benchmarks/results/kernels.md), the same results bit for bit.
 template <int MR, int NR>
 void tile16(const QWeight& w, const Acts16& a, const float* dw, int64_t i0, int64_t n0, const float* bias,

@@ -129,7 +129,8 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
                                                       config.passage_cache_mb),
                           lookup=LookupConfig() if config.prompt_lookup else None,
                           next_turn_ids=next_turn_ids(loaded.tokenizer) if ahead else (),
-                          grounded_next_turn_ids=next_turn_ids(loaded.tokenizer, grounded=True) if ahead else ())
+                          grounded_next_turn_ids=(next_turn_ids(loaded.tokenizer, grounded=True)
+                                                  if ahead else ()))
     store = SessionStore(config.db_path)
     metrics = ServerMetrics(scheduler)
     retriever = Retriever(config.kb_dir)
