@@ -197,6 +197,9 @@ def load(
     think_s: float = typer.Option(0.0, "--think-s", help="Seconds the turn curve's user takes to read a "
                                   "reply and type the next turn (0: at once, as a script would; the "
                                   "concurrency levels always send at once)."),
+    type_ahead: bool = typer.Option(False, "--type-ahead", help="The turn curve's user also sends drafts of "
+                                    "the message while typing it (POST /v1/chat/drafts, as the web chat "
+                                    "does), which the server writes ahead. Needs --think-s 0.5 or more."),
     curve_runs: int = typer.Option(2, help="Conversations run one at a time for the TTFT-by-turn curve."),
     peers: bool = typer.Option(True, help="Also load llama.cpp's server (when llama-cpp-python[server] is "
                                "installed and the model is a GGUF)."),
@@ -222,7 +225,7 @@ def load(
     from kuaida.bench.report import rich_table, write_json
 
     levels = parse_clients(clients)
-    settings = LoadSettings(turns=turns, reply_tokens=reply_tokens, think_s=think_s)
+    settings = LoadSettings(turns=turns, reply_tokens=reply_tokens, think_s=think_s, type_ahead=type_ahead)
     with err.status("benchmarking ...") as status:
         report = run_load(url, model, dtype, levels, settings, curve_runs, peers, api_key, seed,
                           progress=lambda step: status.update(f"benchmarking {step} ..."),

@@ -350,3 +350,15 @@ def test_llamacpp_peer_queues_concurrent_requests_instead_of_aborting_them():
     args = parser.parse_args(cmd[3:])  # after: python -m llama_cpp.server
     assert parse_model_from_args(ServerSettings, args).interrupt_requests is False
     assert parse_model_from_args(ModelSettings, args).n_ctx == 4096
+
+
+def test_typing_drafts_are_growing_prefixes_sent_before_the_message():
+    from kuaida.bench.load import typing_drafts
+
+    text = "What do you think about the new movie that came out last week?"
+    drafts = typing_drafts(text, 3.0)
+    times, typed = [t for t, _ in drafts], [d for _, d in drafts]
+    assert times == sorted(times) and 0 < times[0] and times[-1] == pytest.approx(2.75)
+    assert all(text.startswith(d) for d in typed) and len(set(typed)) == 3
+    assert typed[-1].rsplit(" ", 1)[0] == text.rsplit(" ", 1)[0]  # every word but the last, the last begun
+    assert typing_drafts("Hi", 3.0) == [] and typing_drafts(text, 0.0) == []

@@ -255,3 +255,75 @@ def test_a_grounded_conversation_gets_the_grounded_next_turn_tokens(loaded):
     sched.stop()
     ahead = {tuple(s.cached_ids[:6]): s.ahead for s in sched.slots if s.ahead}
     assert ahead[tuple(plain)][-2:] == NEXT_TURN and ahead[tuple(with_passage)][-3:] == grounded
+
+
+def test_what_the_user_types_is_written_ahead_and_reused_by_the_sent_message(loaded, monkeypatch):
+    import kuaida.engine.scheduler as scheduler_module
+
+    writes = []  # tokens per prefill, to see the chunks
+    real = scheduler_module.prefill_prompt
+    monkeypatch.setattr(scheduler_module, "prefill_prompt",
+                        lambda model, cache, ids, start, *a: writes.append(len(ids) - start)
+                        or real(model, cache, ids, start, *a))
+    sched = make(loaded, next_turn_ids=NEXT_TURN, next_turn_delay_s=0.0, ahead_chunk=2)
+    prompt = [5, 6, 7, 8, 9, 10]
+    list(sched.submit(prompt, SamplingParams(**GREEDY)))
+    assert wait_for(lambda: sched.metrics.next_turn_tokens > 0)
+    slot = next(s for s in sched.slots if s.cached_ids[:len(prompt)] == prompt)
+    history = list(slot.cached_ids)  # prompt, reply, next-turn tokens
+    writes.clear()
+    typed = [*history, 20, 21, 22, 23, 24]  # the user's words so far
+    sched.type_ahead(typed)
+    assert wait_for(lambda: sched.metrics.typed_tokens == 5)
+    assert slot.cached_ids == typed and writes == [2, 2, 1]  # in chunks of ahead_chunk
+    sent = [*typed, 25, 26]  # the last word and the assistant header
+    text = "".join(reply := sched.submit(sent, SamplingParams(**GREEDY)))
+    sched.stop()
+    assert reply.stats.cached_tokens == len(typed)
+    assert text == single(loaded, sent, **GREEDY)
+
+
+def test_a_changed_draft_is_cut_back_and_a_draft_never_lands_on_another_conversation(loaded):
+    sched = make(loaded, next_turn_ids=NEXT_TURN, next_turn_delay_s=0.0)
+    a, b = [5, 6, 7, 8, 9, 10], [40, 41, 42]
+    list(sched.submit(a, SamplingParams(**GREEDY)))
+    list(sched.submit(b, SamplingParams(**GREEDY)))
+    assert wait_for(lambda: sched.metrics.next_turn_tokens >= 2 * len(NEXT_TURN))
+    slot = next(s for s in sched.slots if s.cached_ids[:len(a)] == a)
+    other = {s.row: list(s.cached_ids) for s in sched.slots if s is not slot}
+    history = list(slot.cached_ids)
+    sched.type_ahead([*history, 20, 21, 22])
+    assert wait_for(lambda: slot.cached_ids == [*history, 20, 21, 22])
+    sched.type_ahead([90, 91, 92, 93, 94])  # no conversation of this server: ignored
+    sched.type_ahead([5, 6, 7, 90, 91])  # shares only the start of a's prompt (a system prompt): ignored
+    sched.type_ahead([*history, 20, 30, 31])  # the user changed a word: cut back to the common prefix
+    assert wait_for(lambda: slot.cached_ids == [*history, 20, 30, 31])
+    assert sched.metrics.typed_tokens == 5 and sched.metrics.evictions == 0
+    assert {s.row: s.cached_ids for s in sched.slots if s is not slot} == other
+    sent = [*history, 20, 32, 33]  # and changed it again before sending: the slot is reused, nothing copied
+    text = "".join(reply := sched.submit(sent, SamplingParams(**GREEDY)))
+    sched.stop()
+    assert reply.stats.cached_tokens == len(history) + 1 and sched.metrics.evictions == 0
+    assert slot.cached_ids[:len(sent)] == sent  # in the conversation's own slot, not a copy of it
+    assert {s.row: s.cached_ids[:len(o)] for s, o in ((s, other.get(s.row)) for s in sched.slots)
+            if o is not None} == other
+    assert text == single(loaded, sent, **GREEDY)
+
+
+def test_a_draft_whose_history_renders_the_reply_differently_still_lands(loaded):
+    """A reply re-tokenized from its text can differ from the tokens generated: the draft still extends
+    the conversation's last prompt, and replaces the reply's tokens from where they differ."""
+    sched = make(loaded, next_turn_ids=NEXT_TURN, next_turn_delay_s=0.0)
+    prompt = [5, 6, 7, 8, 9, 10]
+    list(sched.submit(prompt, SamplingParams(**GREEDY)))
+    assert wait_for(lambda: sched.metrics.next_turn_tokens > 0)
+    slot = next(s for s in sched.slots if s.cached_ids[:len(prompt)] == prompt)
+    reply = slot.cached_ids[len(prompt):-len(NEXT_TURN)]
+    typed = [*prompt, *reply[:2], 99, *NEXT_TURN, 20, 21]  # the reply's third token renders as 99
+    sched.type_ahead(typed)
+    assert wait_for(lambda: slot.cached_ids == typed)
+    assert sched.metrics.typed_tokens == len(typed) - len(prompt) - 2
+    sent = [*typed, 22]
+    text = "".join(r := sched.submit(sent, SamplingParams(**GREEDY)))
+    sched.stop()
+    assert r.stats.cached_tokens == len(typed) and text == single(loaded, sent, **GREEDY)

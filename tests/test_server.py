@@ -2,6 +2,7 @@
 error bodies for bad input, API keys and session ownership, the session API, 429 on a full queue,
 /metrics, and KV-cache reuse when a client resends its history."""
 import json
+import time
 from contextlib import ExitStack
 
 import pytest
@@ -284,3 +285,59 @@ def test_openapi_schema_lists_the_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/models", "/v1/sessions", "/v1/sessions/{session_id}",
             "/v1/sessions/{session_id}/messages", "/health", "/metrics"} <= set(paths)
+
+
+def _typed_tokens(client) -> float:
+    line = next(x for x in client.get("/metrics").text.splitlines()
+                if x.startswith("kuaida_typed_ahead_prefilled_tokens_total"))
+    return float(line.split()[1])
+
+
+def _wait_typed(client, more_than: float) -> float:
+    deadline = time.monotonic() + 10
+    while (n := _typed_tokens(client)) <= more_than and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n
+
+
+def test_a_session_draft_is_written_ahead_and_the_sent_message_reuses_it(client):
+    sid = client.post("/v1/sessions", json={"options": {"temperature": 0, "max_tokens": 5}}).json()["id"]
+    first = client.post(f"/v1/sessions/{sid}/messages", json={"content": "Hello!"}).json()
+    draft = client.post(f"/v1/sessions/{sid}/draft", json={"content": "What is the weather like tod"})
+    assert draft.status_code == 202, draft.text
+    known = draft.json()["prompt_tokens"]
+    assert draft.json()["object"] == "draft" and known > first["usage"]["total_tokens"]
+    assert _wait_typed(client, 0) > 0
+    reply = client.post(f"/v1/sessions/{sid}/messages", json={"content": "What is the weather like today?"})
+    usage = reply.json()["usage"]
+    # Everything known while typing came from the cache: only the last word(s) and the header were prefilled.
+    assert usage["prompt_tokens_details"]["cached_tokens"] == known
+    assert [m["content"] for m in client.get(f"/v1/sessions/{sid}").json()["messages"]][::2] == [
+        "Hello!", "What is the weather like today?"]  # a draft is not stored
+
+
+def test_a_chat_draft_is_written_ahead_for_the_completion_that_follows(client):
+    first = chat(client).json()
+    history = [*HELLO, {"role": "assistant", "content": first["choices"][0]["message"]["content"]}]
+    before = _typed_tokens(client)
+    typed = [*history, {"role": "user", "content": "Tell me mo"}]
+    draft = client.post("/v1/chat/drafts", json={"messages": typed})
+    assert draft.status_code == 202, draft.text
+    assert _wait_typed(client, before) > before
+    sent = chat(client, messages=[*history, {"role": "user", "content": "Tell me more"}]).json()
+    assert sent["usage"]["prompt_tokens_details"]["cached_tokens"] == draft.json()["prompt_tokens"]
+
+
+def test_bad_drafts_are_4xx(make_client):
+    client = make_client(api_key=",".join(KEYS))
+    alice, bob = ({"Authorization": f"Bearer {k}"} for k in KEYS)
+    sid = client.post("/v1/sessions", json={}, headers=alice).json()["id"]
+    assert_error(client.post(f"/v1/sessions/{sid}/draft", json={"content": "hi"}, headers=bob), 404)
+    assert_error(client.post(f"/v1/sessions/{sid}/draft", json={"content": "hi"}), 401)
+    assert_error(client.post("/v1/sessions/nope/draft", json={"content": "hi"}, headers=alice), 404)
+    assert_error(client.post(f"/v1/sessions/{sid}/draft", json={"text": "hi"}, headers=alice), 400, "text")
+    assert_error(client.post("/v1/chat/drafts", json={"messages": [{"role": "assistant", "content": "x"}]},
+                             headers=alice), 400, "last message")
+    assert_error(client.post("/v1/chat/drafts", json={"messages": []}, headers=alice), 400, "messages")
+    assert client.post(f"/v1/sessions/{sid}/draft", json={"content": "word " * 300},
+                       headers=alice).json()["prompt_tokens"] == 0  # could never fit: nothing written

@@ -185,6 +185,30 @@ def test_a_follow_up_turn_finds_the_template_tokens_already_cached(openai_client
     assert second.usage.prompt_tokens > reused and second.choices[0].message.content
 
 
+def test_a_draft_typed_before_the_turn_is_written_ahead(openai_client, default_server):
+    """POST /v1/chat/drafts while the user types: the server writes the prompt up to the last whole word
+    once idle, and the completion sent with the finished message reuses all of it."""
+    first = openai_client.chat.completions.create(model="default", messages=QUESTION, max_tokens=24,
+                                                  temperature=0)
+    history = [*QUESTION, {"role": "assistant", "content": first.choices[0].message.content}]
+    before = metric(default_server.url, "kuaida_typed_ahead_prefilled_tokens_total")
+    typed = [*history, {"role": "user", "content": "And what is the capital of Ita"}]
+    draft = httpx.post(f"{default_server.url}/v1/chat/drafts", json={"messages": typed}, timeout=30,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+    assert draft.status_code == 202, draft.text
+    known = draft.json()["prompt_tokens"]
+    deadline = time.monotonic() + 10
+    while metric(default_server.url, "kuaida_typed_ahead_prefilled_tokens_total") <= before:
+        assert time.monotonic() < deadline, "the draft was not written"
+        time.sleep(0.05)
+    sent = [*history, {"role": "user", "content": "And what is the capital of Italy?"}]
+    second = openai_client.chat.completions.create(model="default", messages=sent, max_tokens=16,
+                                                   temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens == known
+    assert second.usage.prompt_tokens - known <= 8  # " Italy?", the end of turn, the assistant header
+    assert "Rome" in second.choices[0].message.content
+
+
 def test_openai_client_errors(openai_client, default_server):
     import openai
 

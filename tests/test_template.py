@@ -102,3 +102,38 @@ def test_grounded_next_turn_ids_reach_the_next_turns_first_passage(tok):
     first = spans[0][0]
     reply_ids = list(_encode(tok, reply, True))
     assert ids[first - len(ahead) - len(reply_ids):first] == reply_ids + ahead
+
+
+@pytest.mark.parametrize("typed, sent", [
+    ("How do I res", "How do I reset my password?"),
+    ("How do I ", "How do I change it"),
+    ("two lines\nand mo", "two lines\nand more"),
+    ("Hel", "Hello!"),
+    ("", "Hi"),
+])
+def test_typed_prompt_ids_are_the_sent_prompt_up_to_the_last_whole_word(tok, typed, sent):
+    """While the user types, the server writes the prompt as far as it is known: exactly the prompt the
+    sent message gets, up to where the typed text's last whole word ends."""
+    from functools import partial
+
+    from kuaida.dialogue.template import typed_prompt_ids
+
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "hello"}]
+    render = partial(render_prompt, tok)
+    ids = typed_prompt_ids(render, [*history, {"role": "user", "content": typed}])
+    final = render([*history, {"role": "user", "content": sent}])
+    assert final[:len(ids)] == ids  # a prefix of the prompt the message gets ...
+    whole = typed[:len(typed) - len(typed.split(" ")[-1])].rstrip() if " " in typed else ""
+    header = typed_prompt_ids(render, [*history, {"role": "user", "content": ""}])
+    assert tok.decode(ids[len(header):]).strip() == whole.strip()  # ... through the typed whole words
+    assert tok.decode(header).endswith("<|im_start|>user\n")  # the empty message: up to its header
+
+
+def test_typed_prompt_ids_need_the_users_message_last(tok):
+    from functools import partial
+
+    from kuaida.dialogue.template import typed_prompt_ids
+
+    with pytest.raises(InvalidArgumentError, match="last message"):
+        typed_prompt_ids(partial(render_prompt, tok), [{"role": "assistant", "content": "hi"}])

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -165,3 +166,28 @@ def test_knowledge_base_sources_are_shown(page):
     page.locator(f"{REPLY} .sources summary").last.click()
     assert "12 seconds" in page.locator(f"{REPLY} .sources li").first.inner_text()
     assert page.locator("#error").is_hidden()
+
+
+def typed_ahead_tokens(server: str) -> float:
+    with urllib.request.urlopen(f"{server}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("kuaida_typed_ahead_prefilled_tokens_total")))
+
+
+def test_typing_sends_a_draft_the_server_writes_ahead(page, server):
+    posts = session_posts(page)
+    settings(page, **{"api-key": API_KEY, "max-tokens": "8"})
+    send(page, "Hello there!")
+    before = typed_ahead_tokens(server)
+    page.type("#input", "What about the weather ", delay=15)
+    page.wait_for_timeout(800)  # a pause in typing: the page sends one draft
+    drafts = [p for p in posts if p.endswith("/draft")]
+    turns = [p for p in posts if p.endswith("/messages")]
+    assert len(drafts) == 1 and drafts[0].rsplit("/", 1)[0] == turns[0].rsplit("/", 1)[0]
+    deadline = time.monotonic() + 10
+    while typed_ahead_tokens(server) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert typed_ahead_tokens(server) > before
+    assert "TTFT" in send(page, "What about the weather today?")
+    assert [p for p in posts if p.endswith("/draft")] == drafts  # none while the message was sent

@@ -4,8 +4,14 @@ servers (which goes first alternates by conversation), each reply followed by a 
 feature works while the server is idle; a client that answers within 50 ms gets no benefit and pays
 nothing).
 
-    python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--turns N] [--kb] [--md P] [--json P]
+    python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--turns N] [--kb] [--type-ahead]
+                                              [--md P] [--json P]
     # defaults: 5 conversations of 10 turns, 1.0 s think time
+
+--type-ahead: both servers as `kuaida serve` starts (next-turn tokens on); the client of the first
+("typed") also sends drafts of each message while its user types (POST /v1/chat/drafts at a third, two
+thirds and 0.25 s before the end of the think time: kuaida.bench.load.typing_drafts), the other's does
+not. Use a think time of 2 s or more (a user typing a sentence).
 
 --kb: conversations grounded in the shipped sample knowledge base instead (each turn one of its
 customer questions, asked with `knowledge: {"base": "homehub"}`: the servers put the passages found
@@ -20,7 +26,6 @@ import contextlib
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from kuaida.bench.kb import QUESTIONS_FILE, SAMPLE, load_questions, sample_path
@@ -32,6 +37,7 @@ from kuaida.bench.load import (
     free_port,
     kuaida_command,
     serving,
+    think_and_type,
     user_sides,
 )
 from kuaida.bench.report import command_line, machine_info
@@ -43,12 +49,13 @@ def main() -> None:
     ap.add_argument("think_s", type=float, nargs="?", default=1.0)
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--kb", action="store_true", help="grounded conversations on the sample base")
+    ap.add_argument("--type-ahead", action="store_true", help="compare a client that sends typing drafts")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     turns = args.turns
     settings = LoadSettings(turns=turns)
-    names = {"on": [], "off": ["--no-prefill-next-turn"]}
+    names = {"typed": [], "untyped": []} if args.type_ahead else {"on": [], "off": ["--no-prefill-next-turn"]}
     extra = None
     if args.kb:  # 61 questions: conversations of `turns` consecutive ones, wrapping around
         questions = [q.question for q in load_questions(sample_path() / QUESTIONS_FILE)]
@@ -81,16 +88,18 @@ def main() -> None:
             order = list(targets.items())[::1 if i % 2 else -1]
             for turn, text in enumerate(user):
                 for name, target in order:
+                    # The user reads the last reply (this server's, or the other's at turn 1) and types.
+                    think_and_type(target, history[name], text, args.think_s, name == "typed" and turn > 0)
                     history[name].append({"role": "user", "content": text})
                     reply = chat_stream(target, history[name], settings, turn + 1, extra)
                     if not reply.ok:
                         raise SystemExit(f"{name}, conversation {i}, turn {turn + 1}: {reply.problem()}")
                     history[name].append({"role": "assistant", "content": reply.text})
                     rows[name][turn].append((reply.ttft_s * 1000, reply.prompt_tokens - reply.cached_tokens))
-                    time.sleep(args.think_s)
             print(f"conversation {i}/{len(conversations)} done", flush=True)
     report = {"command": command_line(), "machine": machine_info(THREADS),
-              "conversations": args.conversations, "think_s": args.think_s, "knowledge": args.kb, "turns": []}
+              "conversations": args.conversations, "think_s": args.think_s, "knowledge": args.kb,
+              "type_ahead": args.type_ahead, "turns": []}
     for turn in range(turns):
         report["turns"].append({"turn": turn + 1, **{
             name: {"ttft_ms_each": [round(t, 1) for t, _ in rows[name][turn]],
@@ -109,24 +118,32 @@ def to_markdown(report: dict) -> str:
                f"{m['date']}, load average {' / '.join(map(str, m['load_average']))}, kuaida {m['kuaida']} "
                f"({m['git']})  ")
     n = len(report["turns"])
-    lines = ["# Next-turn tokens written ahead: on / off", "", machine, f"Command: `{report['command']}`  ",
+    typed = report.get("type_ahead")
+    on_key, off_key = ("typed", "untyped") if typed else ("on", "off")
+    title = ("Drafts while typing (POST /v1/chat/drafts): sent / not sent" if typed
+             else "Next-turn tokens written ahead: on / off")
+    on_col, off_col = ("with drafts", "without") if typed else ("written ahead", "off")
+    lines = [f"# {title}", "", machine, f"Command: `{report['command']}`  ",
              (f"{report['conversations']} conversations x {n} turns on each server, {report['think_s']} s "
               "think time after every reply; medians over the conversations."
               + (" Grounded: each turn a question about the sample knowledge base, asked with it."
-                 if report.get("knowledge") else "")), "",
-             ("| turn | TTFT ms, written ahead | prefilled tokens | TTFT ms, off | prefilled tokens "
-              "| off / on |"),
+                 if report.get("knowledge") else "")
+              + (" Both servers as `kuaida serve` starts; the first one's client posts three drafts of "
+                 "each message from turn 2 on (a third, two thirds of the words, and all but the last "
+                 "0.25 s before sending), the other's none." if typed else "")), "",
+             (f"| turn | TTFT ms, {on_col} | prefilled tokens | TTFT ms, {off_col} | prefilled tokens "
+              f"| {off_col} / {on_col} |"),
              "| --- | --- | --- | --- | --- | --- |"]
     ratios = []
     for row in report["turns"]:
-        on, off = row["on"], row["off"]
+        on, off = row[on_key], row[off_key]
         ton, toff = statistics.median(on["ttft_ms_each"]), statistics.median(off["ttft_ms_each"])
         pon, poff = statistics.median(on["prefilled_each"]), statistics.median(off["prefilled_each"])
         ratio = toff / ton
         lines.append(f"| {row['turn']} | {ton:.0f} | {pon:.0f} | {toff:.0f} | {poff:.0f} | {ratio:.2f}x |")
         if row["turn"] > 1:
             ratios += [b / a for a, b in zip(on["ttft_ms_each"], off["ttft_ms_each"])]
-    lines += ["", (f"Turns 2-{n}: median off / on TTFT over every (turn, conversation) pair "
+    lines += ["", (f"Turns 2-{n}: median {off_col} / {on_col} TTFT over every (turn, conversation) pair "
                    f"{statistics.median(ratios):.2f}x ({len(ratios)} pairs).")]
     return "\n".join(lines) + "\n"
 

@@ -175,6 +175,9 @@ class LoadSettings:
     # The turn curve's user reads each reply and types for this long before the next request (the
     # concurrency sweep stays back to back: it measures the server at full load).
     think_s: float = 0.0
+    # ... and, with type_ahead, sends drafts of the message it types meanwhile (POST /v1/chat/drafts), as
+    # the web chat does at each pause in typing (typing_drafts).
+    type_ahead: bool = False
 
 
 def chat_stream(target: Target, messages: list[dict[str, str]], settings: LoadSettings, turn: int,
@@ -204,15 +207,59 @@ def chat_stream(target: Target, messages: list[dict[str, str]], settings: LoadSe
         conn.close()
 
 
+def post_draft(target: Target, messages: list[dict[str, str]], timeout_s: float = 30.0) -> int | None:
+    """POST /v1/chat/drafts (kuaida's): -> the prompt tokens the server will write ahead, or None when it
+    failed (a server without drafts, say: the user's typing goes on regardless)."""
+    headers = {"Content-Type": "application/json"}
+    if target.api_key:
+        headers["Authorization"] = f"Bearer {target.api_key}"
+    conn = http.client.HTTPConnection(*target.address, timeout=timeout_s)
+    try:
+        conn.request("POST", "/v1/chat/drafts", json.dumps({"messages": messages}), headers)
+        response = conn.getresponse()
+        body = response.read()
+        return json.loads(body)["prompt_tokens"] if response.status == 202 else None
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
+        return None
+    finally:
+        conn.close()
+
+
+def typing_drafts(text: str, think_s: float) -> list[tuple[float, str]]:
+    """What a user typing `text` over `think_s` seconds has typed at three pauses: (seconds after the
+    reply, text so far) at a third and two thirds of the time (a third and two thirds of the words, with
+    the next word begun), and 0.25 s before sending (every word but the last, the last begun)."""
+    words = text.split(" ")
+    if len(words) < 2 or think_s <= 0:
+        return []
+    out = []
+    for at, k in ((think_s / 3, len(words) // 3), (2 * think_s / 3, 2 * len(words) // 3),
+                  (max(2 * think_s / 3, think_s - 0.25), len(words) - 1)):
+        if k >= 1 and (not out or k > out[-1][2]):
+            out.append((at, " ".join(words[:k]) + " " + words[k][:2], k))
+    return [(at, typed) for at, typed, _ in out]
+
+
+def think_and_type(target: Target, messages: list[dict[str, str]], text: str, think_s: float,
+                   type_ahead: bool) -> None:
+    """The user's pause before sending `text` after `messages`: `think_s` seconds, during which (with
+    `type_ahead`) the drafts of typing_drafts are posted at their times."""
+    start = time.perf_counter()
+    for at, typed in typing_drafts(text, think_s) if type_ahead else ():
+        time.sleep(max(0.0, start + at - time.perf_counter()))
+        post_draft(target, [*messages, {"role": "user", "content": typed}])
+    time.sleep(max(0.0, start + think_s - time.perf_counter()))
+
+
 def run_conversation(target: Target, user_turns: list[str], settings: LoadSettings,
                      think_s: float = 0.0) -> list[Reply]:
     """One client: each turn resends the growing history and appends the streamed reply to it (after
-    `think_s` seconds, from the second turn on)."""
+    `think_s` seconds, from the second turn on; typing drafts meanwhile with settings.type_ahead)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     replies = []
     for turn, text in enumerate(user_turns[:settings.turns], 1):
         if turn > 1:
-            time.sleep(think_s)
+            think_and_type(target, messages, text, think_s, settings.type_ahead)
         messages.append({"role": "user", "content": text})
         reply = chat_stream(target, messages, settings, turn)
         replies.append(reply)
@@ -581,6 +628,8 @@ def run_load(url: str | None = None, model: str = "default", dtype: str = "int8"
         raise InvalidArgumentError("use at least 1 client per level, 1 turn and 1 curve conversation")
     if settings.think_s < 0:
         raise InvalidArgumentError(f"--think-s must be 0 or more (got {settings.think_s})")
+    if settings.type_ahead and settings.think_s < 0.5:
+        raise InvalidArgumentError("--type-ahead needs a user who types: --think-s 0.5 or more")
     progress = progress or (lambda step: log.info("%s", step))
     work = Workload.make(list(clients), curve_runs, settings.turns, seed)
     name = f"server at {url}" if url else f"kuaida {dtype}"
@@ -623,7 +672,8 @@ def run_load(url: str | None = None, model: str = "default", dtype: str = "int8"
                     "temperature": settings.temperature, "curve_conversations": curve_runs, "seed": seed,
                     "dtype": dtype, "url": url, "context": context,
                     "system_prompt_words": len(SYSTEM_PROMPT.split()),
-                    "request_timeout_s": settings.timeout_s, "curve_think_s": settings.think_s}
+                    "request_timeout_s": settings.timeout_s, "curve_think_s": settings.think_s,
+                    "curve_type_ahead": settings.type_ahead}
     report = make_report("load", model, run_settings, rows, THREADS)
     report["curves"], report["curves_other_cpu_cores"] = curves, curve_cpu
     report["same_message"] = same_message
@@ -684,7 +734,10 @@ def load_markdown(report: dict[str, Any]) -> str:
               "one at a time and at once. Output tok/s counts every delivered token over the level's wall "
               "time (time to first token included)."), "", "## Time to first token by turn", "",
              ("Median over the turn-curve conversations, run one at a time"
-              + (f", each request {think:g} s after the previous reply (a user reading and typing)"
+              + (f", each request {think:g} s after the previous reply (a user reading and typing"
+                 + ("; drafts of the message sent at a third, two thirds and 0.25 s before the end of that "
+                    "time, as the web chat sends them: POST /v1/chat/drafts)"
+                    if report["settings"].get("curve_type_ahead") else ")")
                  if (think := report["settings"].get("curve_think_s"))
                  else ", each request as soon as the previous reply ended")
               + "; history tokens = the prompt the server reported for that turn."),

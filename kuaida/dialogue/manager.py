@@ -20,6 +20,7 @@ from jinja2 import TemplateError
 from kuaida.dialogue.history import fit_history, kept_messages
 from kuaida.dialogue.retrieval import Grounding
 from kuaida.dialogue.store import Session, SessionStore
+from kuaida.dialogue.template import typed_prompt_ids
 from kuaida.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,18 @@ class DialogueManager:
                      session.id, dropped, len(prompt_ids))
         return TurnPlan(prompt_ids=prompt_ids, dropped=dropped, messages=kept_messages(messages, dropped),
                         grounding=grounding, spans=spans)
+
+    def typed_prompt_ids(self, session: Session, typed_text: str, max_new_tokens: int) -> list[int]:
+        """The next turn's prompt as far as it is known while the user is typing `typed_text` (nothing is
+        stored): the history fitted as prepare_turn will fit it, then the typed text up to its last whole
+        word (kuaida.dialogue.template.typed_prompt_ids). [] for a session with a knowledge base: its
+        next passages, which come before the message, depend on the whole message."""
+        if not isinstance(typed_text, str):
+            raise InvalidArgumentError("the typed text must be a string")
+        history, _ = self._history(session)
+        messages = history + [{"role": "user", "content": typed_text}]
+        _, dropped = fit_history(self._render, messages, self.prompt_budget(max_new_tokens))
+        return typed_prompt_ids(self._render, kept_messages(messages, dropped))
 
     def finish_turn(self, session: Session, reply_text: str, meta: dict) -> None:
         """Store the assistant's reply with its meta (usage, timings, finish_reason)."""

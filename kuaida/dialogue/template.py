@@ -5,7 +5,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jinja2 import TemplateError
 
@@ -75,6 +75,25 @@ def _encode(tokenizer, text: str, split_special: bool) -> tuple[int, ...]:
     """Token ids of one piece, memoized: a conversation's turns and passages recur in every later prompt
     (a grounded turn-3 prompt, ~1,200 tokens in ~20 pieces, tokenized in 3.3 ms, most of it again)."""
     return tuple(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split_special))
+
+
+def typed_prompt_ids(render: Callable[[list[dict[str, str]]], list[int]],
+                     messages: list[dict[str, str]]) -> list[int]:
+    """The prompt of a message still being typed, as far as it is known: what `render` (render_prompt
+    with a tokenizer) will give for the conversation once the last message, the user's, is sent — up to
+    the end of its last whole word (the word being typed may yet change, and with it its tokens), and
+    however it goes on. What the server writes ahead while the user types (Scheduler.type_ahead).
+
+    The prompt is rendered with the typed text followed by two different words, and the tokens both
+    renders share are kept: the template's and tokenizer's business, so any checkpoint's works."""
+    msgs = validate_messages(messages)
+    if msgs[-1]["role"] != "user":
+        raise InvalidArgumentError("the last message must be the user's (the one being typed)")
+    head = re.sub(r"\S*\Z", "", msgs[-1]["content"]).rstrip()  # without the word being typed
+    a, b = (render([*msgs[:-1], {"role": "user", "content": head + (" " if head else "") + w}])
+            for w in ("a", "b"))
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]
 
 
 def passage_anchor_ids(tokenizer) -> list[int]:

@@ -16,6 +16,15 @@ header and instruction), ~45 tokens for the default model. A user reads and type
 that answers at once is not made to wait for it (the delay). A next turn that does not start that way
 (a grounded turn without new passages, say) keeps the common prefix, as always.
 
+`type_ahead(ids)` goes further while the user types: `ids` is the conversation's next prompt as far as
+it is known (the history, then the user's message up to its last whole word: kuaida.dialogue.template.
+typed_prompt_ids). Once idle, the scheduler writes whatever of it the conversation's slot does not hold,
+so that when the message is sent only its last words and the assistant header are prefilled. It lands
+only on an idle slot whose last prompt it extends: the same conversation (its reply as the history
+renders it may differ in a few tokens from the reply as generated; what was written ahead is cut back to
+the common prefix where the user changed their text), never another one that merely shares a prefix.
+Written ahead in chunks of `ahead_chunk` tokens, so a request arriving meanwhile waits at most one chunk.
+
 With prompt lookup (`lookup=LookupConfig()`), a greedy request whose reply repeats its prompt (a grounded
 answer quoting its passages) gets draft tokens (kuaida.engine.lookup) as extra rows of the same decode
 step: each row is its cache row at the next position, so every draft goes through decode's own kernels
@@ -106,12 +115,19 @@ class Slot:
     # a prefix once for all the rows that share it.
     prefix: tuple[int, int] | None = None
     # Tokens to write after cached_ids while the scheduler is idle (the reply's unfed last token and the
-    # template's next-turn tokens), or None.
+    # template's next-turn tokens, or what the user is typing), or None; due at ahead_at (perf_counter).
     ahead: list[int] | None = None
+    ahead_at: float = 0.0
+    ahead_typed: bool = False  # ahead came from type_ahead (counted apart)
+    # cached_ids[:settled] were written by requests (prompts and replies); what follows was written ahead.
+    # cached_ids[:turn_start] is the prompt of the last request here (the conversation before its reply).
+    settled: int = 0
+    turn_start: int = 0
 
     def keep(self, n: int) -> None:
         """Only the first n cached positions stay valid (what follows will be overwritten)."""
         self.cached_ids = self.cached_ids[:n]
+        self.settled, self.turn_start = min(self.settled, n), min(self.turn_start, n)
         if self.prefix is not None and self.prefix[1] > n:
             self.prefix = (self.prefix[0], n) if n > 0 else None
 
@@ -137,6 +153,7 @@ class SchedulerMetrics:
     drafted_tokens: int = 0  # prompt-lookup drafts verified
     accepted_tokens: int = 0  # ... that greedy decoding kept
     next_turn_tokens: int = 0  # written into idle conversations ahead of their next turn
+    typed_tokens: int = 0  # ... of what their users were typing (type_ahead)
 
 
 class Scheduler:
@@ -144,11 +161,14 @@ class Scheduler:
                  max_context: int | None = None, cache_budget_mb: int = 2048, max_queue: int = 64,
                  enable_prefix_cache: bool = True, passages=None, lookup: LookupConfig | None = None,
                  lookup_rows: int = 8, next_turn_ids: Seq[int] = (), grounded_next_turn_ids: Seq[int] = (),
-                 next_turn_delay_s: float = 0.05) -> None:
+                 next_turn_delay_s: float = 0.05, ahead_chunk: int = 32) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
         # Written into a finished conversation's slot once idle this long (module docstring); () : off.
         self.next_turn_ids, self.next_turn_delay_s = list(next_turn_ids), next_turn_delay_s
         self.grounded_next_turn_ids = list(grounded_next_turn_ids or next_turn_ids)
+        # Tokens written ahead per idle pass: a request arriving meanwhile waits at most this prefill.
+        self.ahead_chunk = max(1, ahead_chunk)
+        self._typed: deque[list[int]] = deque(maxlen=64)  # type_ahead prompts not yet placed
         # Decode steps without module calls where the model allows (kuaida.model.fused.DecodePlan).
         self.decode_step = decode_plan(model) or functools.partial(model_step, model)
         # Prompt lookup: drafts for greedy requests, up to lookup_rows rows per decode step (rows of the
@@ -201,6 +221,16 @@ class Scheduler:
             self._wake.notify()
         return stream
 
+    def type_ahead(self, prompt_ids: list[int]) -> None:
+        """A conversation's next prompt as far as it is known (its user still typing): written into the
+        slot whose conversation it extends while the scheduler is idle (module docstring). Ignored where
+        no idle slot holds that conversation, or the prompt leaves no room in the context."""
+        if not self.enable_prefix_cache or not prompt_ids or len(prompt_ids) >= self.max_context:
+            return
+        with self._wake:
+            self._typed.append(list(prompt_ids))
+            self._wake.notify()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new requests, cancel queued ones, let active ones finish for up to `timeout` s."""
         with self._wake:
@@ -229,6 +259,7 @@ class Scheduler:
                 ahead = None
                 with self._wake:
                     while not self.waiting and not self.active and not self._stopping:
+                        self._place_typed()
                         ahead = self._next_ahead()
                         if ahead is not None and ahead[1] <= 0:
                             break
@@ -254,20 +285,43 @@ class Scheduler:
         pending = [s for s in self.slots if s.ahead is not None and not s.busy]
         if not pending:
             return None
-        slot = min(pending, key=lambda s: s.last_used)
-        return slot, slot.last_used + self.next_turn_delay_s - time.perf_counter()
+        slot = min(pending, key=lambda s: s.ahead_at)
+        return slot, slot.ahead_at - time.perf_counter()
+
+    def _place_typed(self) -> None:
+        """Give each type_ahead prompt to the idle slot whose conversation it extends (under the lock)."""
+        while self._typed:
+            ids = self._typed.popleft()
+            # The slot whose last prompt this extends, holding the most of it.
+            fits = [(n, s) for s in self.slots if not s.busy and s.turn_start > 0
+                    and (n := common_prefix(s.cached_ids, ids)) >= s.turn_start]
+            if not fits:
+                continue
+            n, slot = max(fits, key=lambda f: f[0])
+            slot.keep(n)  # what was written ahead and the user has since changed (or a re-tokenized reply)
+            if ids[n:]:
+                slot.ahead, slot.ahead_at, slot.ahead_typed = ids[n:], time.perf_counter(), True
+            else:
+                slot.ahead = None
 
     def _write_ahead(self, slot: Slot) -> None:
-        """Prefill the slot's pending tokens after its cached ones (the scheduler is idle)."""
-        ids, slot.ahead = slot.cached_ids + slot.ahead, None
+        """Prefill up to ahead_chunk of the slot's pending tokens after its cached ones (the scheduler is
+        idle); the rest waits for the next idle pass."""
+        chunk, rest = slot.ahead[:self.ahead_chunk], slot.ahead[self.ahead_chunk:]
+        ids, slot.ahead = slot.cached_ids + chunk, rest or None
         if len(ids) >= self.max_context:  # no room for a next turn anyway
+            slot.ahead = None
             return
         try:
             prefill_prompt(self.model, self.cache, ids, len(slot.cached_ids), slot.row)
         except Exception:  # a failure here must not stop the server; the next turn prefills them itself
             log.exception("writing the next turn's tokens failed")
+            slot.ahead = None
             return
-        self.metrics.next_turn_tokens += len(ids) - len(slot.cached_ids)
+        if slot.ahead_typed:
+            self.metrics.typed_tokens += len(chunk)
+        else:
+            self.metrics.next_turn_tokens += len(chunk)
         slot.cached_ids = ids
 
     def _pick_slot(self, prompt_ids: list[int]) -> tuple[Slot, int] | None:
@@ -287,8 +341,10 @@ class Scheduler:
         else:
             best = max(idle, key=lambda s: (common_prefix(s.cached_ids, prompt_ids), -s.last_used))
             n = common_prefix(best.cached_ids, prompt_ids)
-            if n == len(best.cached_ids) and n > 0:
-                return best, n  # the prompt extends this slot's tokens: nothing is lost
+            if n > 0 and n >= best.settled:
+                # The prompt extends this slot's conversation (all its tokens, or all but some written ahead
+                # that the prompt does not continue: those are cut back, nothing is lost).
+                return best, n
             # A busy slot may hold a longer shared prefix (conversations that start together): the KV of its
             # cached tokens is final, it only writes past them.
             busy = [s for s in self.slots if s.busy]
@@ -316,6 +372,7 @@ class Scheduler:
             kc[dst.row, :, :n] = kc[src.row, :, :n]
             vc[dst.row, :, :n] = vc[src.row, :, :n]
         dst.cached_ids = list(src.cached_ids[:n])
+        dst.settled = dst.turn_start = n  # a real prompt's first n tokens
         if src.prefix is None or src.prefix[1] < n:  # src's tag cannot grow: others share only its first part
             src.prefix = (next(self._prefix_keys), n)
         dst.prefix = (src.prefix[0], n)
@@ -341,6 +398,7 @@ class Scheduler:
         self.metrics.cached_tokens += n_cached
         self.metrics.prefilled_tokens += len(seq.prompt_ids) - n_cached
         slot.keep(n_cached)
+        slot.turn_start = len(seq.prompt_ids)
         index = NgramIndex(self.lookup, seq.prompt_ids) if self.lookup and seq.params.greedy else None
         active = Active(stream, seq, slot, index=index)
         self.active.append(active)
@@ -461,6 +519,7 @@ class Scheduler:
             # yet after a length stop; an end-of-turn token never is), then the template's next-turn tokens.
             following = self.grounded_next_turn_ids if a.seq.spans else self.next_turn_ids
             a.slot.ahead = ([a.last_token] if reason == "length" else []) + following
+            a.slot.ahead_at, a.slot.ahead_typed = time.perf_counter() + self.next_turn_delay_s, False
         if tail:
             a.stream.put(tail)
         if error is not None:
@@ -468,4 +527,8 @@ class Scheduler:
             a.stream.put(error)
         a.stream.put(_DONE)
         a.slot.busy, a.slot.last_used = False, time.perf_counter()
+        if error is None:
+            a.slot.settled = len(a.slot.cached_ids)
+        else:
+            a.slot.settled = a.slot.turn_start = 0
         self.active.remove(a)

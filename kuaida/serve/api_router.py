@@ -16,6 +16,9 @@ from kuaida.serve.auth import request_owner
 from kuaida.serve.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
+    ChatDraftRequest,
+    DraftAccepted,
+    DraftRequest,
     ErrorResponse,
     ModelList,
     SessionCreateRequest,
@@ -77,6 +80,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servin
     return await serving.chat_completion(body, request)
 
 
+@v1.post("/chat/drafts", response_model=DraftAccepted, status_code=202)
+async def chat_draft(body: ChatDraftRequest, serving: Serving) -> DraftAccepted:
+    """kuaida extra: the conversation so far, its last message the user's as typed so far. The server
+    writes that prompt, up to the last whole word, into the conversation's cache while idle: the
+    completion request sent with the finished message then prefills only its last words."""
+    return await serving.chat_draft(body)
+
+
 @v1.post("/sessions", response_model=SessionObject)
 async def create_session(body: SessionCreateRequest, serving: Serving, owner: Owner) -> SessionObject:
     """A conversation the server keeps: send only each new user message."""
@@ -88,6 +99,13 @@ async def session_message(session_id: str, body: SessionMessageRequest, request:
                           owner: Owner):
     """The reply to one user message; the user turn is stored first, the reply once it is complete."""
     return await serving.session_message(session_id, body, owner, request)
+
+
+@v1.post("/sessions/{session_id}/draft", response_model=DraftAccepted, status_code=202)
+async def session_draft(session_id: str, body: DraftRequest, serving: Serving, owner: Owner) -> DraftAccepted:
+    """kuaida extra: the next user message as typed so far (nothing is stored); its prompt is written
+    ahead while the server is idle, so the message, once sent, starts its reply sooner."""
+    return await serving.session_draft(session_id, body, owner)
 
 
 @v1.get("/sessions/{session_id}", response_model=SessionHistory)

@@ -40,6 +40,8 @@ class SchedulerCollector:
         "accepted_tokens": ("kuaida_lookup_accepted_tokens", "Prompt-lookup draft tokens kept."),
         "next_turn_tokens": ("kuaida_next_turn_prefilled_tokens",
                              "Chat-template tokens written into idle conversations before their next turn."),
+        "typed_tokens": ("kuaida_typed_ahead_prefilled_tokens",
+                         "Tokens of messages still being typed (drafts) written into their conversations."),
     }
 
     def __init__(self, scheduler: Scheduler) -> None:

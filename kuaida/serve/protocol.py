@@ -275,6 +275,23 @@ class SessionHistory(SessionObject):
     messages: list[StoredTurn]
 
 
+class DraftRequest(Strict):
+    """kuaida extra: the user's message as typed so far (the server prepares its prompt meanwhile)."""
+    content: Text = Field("", description="The text typed so far; may end mid-word.")
+
+
+class ChatDraftRequest(Strict):
+    """kuaida extra: a conversation whose last message is the user's, still being typed."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+
+
+class DraftAccepted(BaseModel):
+    object: Literal["draft"] = "draft"
+    prompt_tokens: int = Field(description="The prompt tokens known so far, queued to be written while the "
+                                           "server is idle (0: nothing to write, e.g. a grounded session).")
+
+
 class SessionDeleted(BaseModel):
     id: str
     object: Literal["session.deleted"] = "session.deleted"

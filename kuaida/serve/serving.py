@@ -24,20 +24,23 @@ from starlette.types import Receive, Scope, Send
 from kuaida.dialogue.manager import DialogueManager, TurnPlan
 from kuaida.dialogue.retrieval import Grounding, Retriever
 from kuaida.dialogue.store import Session, SessionStore
-from kuaida.dialogue.template import render_prompt
+from kuaida.dialogue.template import render_prompt, typed_prompt_ids
 from kuaida.engine.sampling import SamplingParams
 from kuaida.engine.scheduler import Scheduler, Stream
 from kuaida.engine.sequence import GenerationStats
-from kuaida.errors import BusyError, KuaidaError, SessionNotFoundError
+from kuaida.errors import BusyError, ContextLengthError, KuaidaError, SessionNotFoundError
 from kuaida.serve.metrics import ServerMetrics
 from kuaida.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDraftRequest,
     Choice,
     ChunkChoice,
     Delta,
+    DraftAccepted,
+    DraftRequest,
     ErrorBody,
     ErrorResponse,
     KnowledgeOptions,
@@ -228,6 +231,32 @@ class OpenAIServing:
                               choices=[Choice(message=AssistantMessage(content=text),
                                               finish_reason=finish_reason(stats))],
                               usage=usage(stats), kuaida=kuaida_stats(stats, grounding=grounding))
+
+    # -- drafts: the user's message while it is typed -------------------------------------------------
+    async def chat_draft(self, req: ChatDraftRequest) -> DraftAccepted:
+        """The conversation's next prompt as far as it is typed, written ahead while the server is idle
+        (kuaida.engine.scheduler: type_ahead); the completion request that follows reuses it."""
+        messages = [m.plain() for m in req.messages]
+        ids = await asyncio.to_thread(typed_prompt_ids, partial(render_prompt, self.tokenizer), messages)
+        return self._type_ahead(ids)
+
+    async def session_draft(self, session_id: str, req: DraftRequest, owner: str | None) -> DraftAccepted:
+        session = await asyncio.to_thread(self.store.get, session_id, owner)
+        sampling, knowledge = split_options(session.options)
+        if knowledge:  # the next passages, before the message, depend on the whole message
+            return DraftAccepted(prompt_tokens=0)
+        budget = SessionOptions(**sampling).sampling(self.defaults).max_new_tokens
+        try:
+            ids = await asyncio.to_thread(self.manager.typed_prompt_ids, session, req.content, budget)
+        except ContextLengthError:  # the message, when sent, will be refused with the reason
+            ids = []
+        return self._type_ahead(ids)
+
+    def _type_ahead(self, ids: list[int]) -> DraftAccepted:
+        if len(ids) >= self.scheduler.max_context:
+            ids = []
+        self.scheduler.type_ahead(ids)
+        return DraftAccepted(prompt_tokens=len(ids))
 
     # -- /v1/sessions --------------------------------------------------------------------------------
     async def create_session(self, req: SessionCreateRequest, owner: str | None) -> SessionObject:
