@@ -290,23 +290,52 @@ def test_a_changed_draft_is_cut_back_and_a_draft_never_lands_on_another_conversa
     list(sched.submit(b, SamplingParams(**GREEDY)))
     assert wait_for(lambda: sched.metrics.next_turn_tokens >= 2 * len(NEXT_TURN))
     slot = next(s for s in sched.slots if s.cached_ids[:len(a)] == a)
-    other = {s.row: list(s.cached_ids) for s in sched.slots if s is not slot}
+    other = next(s for s in sched.slots if s.cached_ids[:len(b)] == b)
+    held = list(other.cached_ids)
     history = list(slot.cached_ids)
     sched.type_ahead([*history, 20, 21, 22])
     assert wait_for(lambda: slot.cached_ids == [*history, 20, 21, 22])
-    sched.type_ahead([90, 91, 92, 93, 94])  # no conversation of this server: ignored
-    sched.type_ahead([5, 6, 7, 90, 91])  # shares only the start of a's prompt (a system prompt): ignored
     sched.type_ahead([*history, 20, 30, 31])  # the user changed a word: cut back to the common prefix
     assert wait_for(lambda: slot.cached_ids == [*history, 20, 30, 31])
-    assert sched.metrics.typed_tokens == 5 and sched.metrics.evictions == 0
-    assert {s.row: s.cached_ids for s in sched.slots if s is not slot} == other
+    assert sched.metrics.typed_tokens == 5 and other.cached_ids == held
     sent = [*history, 20, 32, 33]  # and changed it again before sending: the slot is reused, nothing copied
     text = "".join(reply := sched.submit(sent, SamplingParams(**GREEDY)))
     sched.stop()
     assert reply.stats.cached_tokens == len(history) + 1 and sched.metrics.evictions == 0
-    assert slot.cached_ids[:len(sent)] == sent  # in the conversation's own slot, not a copy of it
-    assert {s.row: s.cached_ids[:len(o)] for s, o in ((s, other.get(s.row)) for s in sched.slots)
-            if o is not None} == other
+    assert slot.cached_ids[:len(sent)] == sent and other.cached_ids == held
+    assert text == single(loaded, sent, **GREEDY)
+
+
+def test_a_new_conversations_draft_takes_a_spare_slot_after_the_shared_prefix_never_a_conversation(loaded):
+    sched = make(loaded, next_turn_ids=NEXT_TURN, next_turn_delay_s=0.0)
+    a = [5, 6, 7, 8, 9, 10]
+    list(sched.submit(a, SamplingParams(**GREEDY)))
+    assert wait_for(lambda: sched.metrics.next_turn_tokens > 0)
+    slot = next(s for s in sched.slots if s.cached_ids[:len(a)] == a)
+    held = list(slot.cached_ids)
+    first = [5, 6, 7, 90, 91, 92]  # shares a's first tokens (a system prompt): a new conversation
+    sched.type_ahead(first)
+    assert wait_for(lambda: any(s.cached_ids == first for s in sched.slots))
+    spare = next(s for s in sched.slots if s.cached_ids == first)
+    assert spare is not slot and slot.cached_ids == held
+    assert sched.metrics.typed_tokens == 3  # [5, 6, 7] copied from a's slot, the rest written
+    sched.type_ahead([5, 6, 7, 90, 91, 92, 93, 94])  # typing on: the same spare slot
+    assert wait_for(lambda: spare.cached_ids == [5, 6, 7, 90, 91, 92, 93, 94])
+    sent = [5, 6, 7, 90, 91, 92, 93, 94, 95]
+    text = "".join(reply := sched.submit(sent, SamplingParams(**GREEDY)))
+    # Every slot taken by a conversation: a draft of yet another one is not written anywhere.
+    fill = [[60 + i, 61 + i] for i in range(len(sched.slots))]
+    for p in fill:
+        list(sched.submit(p, SamplingParams(**GREEDY)))
+    assert wait_for(lambda: all(s.ahead is None for s in sched.slots))  # next-turn tokens written
+    before, typed = {s.row: list(s.cached_ids) for s in sched.slots}, sched.metrics.typed_tokens
+    sched.type_ahead([200, 201, 202, 203])
+    sched.type_ahead([*sched.slots[0].cached_ids, 1])  # a later draft, to know the first one was handled
+    assert wait_for(lambda: sched.metrics.typed_tokens > typed)
+    sched.stop()
+    assert sched.metrics.typed_tokens == typed + 1  # the later draft's one token, nothing of [200, ...]
+    assert all(s.cached_ids[:len(before[s.row])] == before[s.row] for s in sched.slots)
+    assert reply.stats.cached_tokens == len(sent) - 1 and sched.metrics.evictions >= 1
     assert text == single(loaded, sent, **GREEDY)
 
 

@@ -341,3 +341,13 @@ def test_bad_drafts_are_4xx(make_client):
     assert_error(client.post("/v1/chat/drafts", json={"messages": []}, headers=alice), 400, "messages")
     assert client.post(f"/v1/sessions/{sid}/draft", json={"content": "word " * 300},
                        headers=alice).json()["prompt_tokens"] == 0  # could never fit: nothing written
+
+
+def test_a_first_messages_draft_is_written_before_the_conversation_exists(client):
+    system = {"role": "system", "content": "You are terse."}
+    draft = client.post("/v1/chat/drafts", json={
+        "messages": [system, {"role": "user", "content": "What is the weather like tod"}]})
+    assert draft.status_code == 202, draft.text
+    assert _wait_typed(client, 0) >= draft.json()["prompt_tokens"]  # the whole prompt: nothing was cached
+    sent = chat(client, messages=[system, {"role": "user", "content": "What is the weather like today?"}])
+    assert sent.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == draft.json()["prompt_tokens"]

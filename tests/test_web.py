@@ -177,8 +177,11 @@ def typed_ahead_tokens(server: str) -> float:
 
 def test_typing_sends_a_draft_the_server_writes_ahead(page, server):
     posts = session_posts(page)
-    settings(page, **{"api-key": API_KEY, "max-tokens": "8"})
-    send(page, "Hello there!")
+    settings(page, **{"api-key": API_KEY, "max-tokens": "8", "kb": ""})
+    page.type("#input", "Hello there my ", delay=15)
+    page.wait_for_timeout(800)  # no session before the first message: its prompt goes as a chat draft
+    assert posts == ["v1/chat/drafts"]
+    send(page, "Hello there my friend!")
     before = typed_ahead_tokens(server)
     page.type("#input", "What about the weather ", delay=15)
     page.wait_for_timeout(800)  # a pause in typing: the page sends one draft

@@ -9,9 +9,9 @@ nothing).
     # defaults: 5 conversations of 10 turns, 1.0 s think time
 
 --type-ahead: both servers as `kuaida serve` starts (next-turn tokens on); the client of the first
-("typed") also sends drafts of each message while its user types (POST /v1/chat/drafts at a third, two
-thirds and 0.25 s before the end of the think time: kuaida.bench.load.typing_drafts), the other's does
-not. Use a think time of 2 s or more (a user typing a sentence).
+("typed") also sends drafts of each message while its user types, the first message's too (POST
+/v1/chat/drafts at a third, two thirds and 0.25 s before the end of the think time:
+kuaida.bench.load.typing_drafts), the other's does not. Use a think time of 2 s or more (a user typing a sentence).
 
 --kb: conversations grounded in the shipped sample knowledge base instead (each turn one of its
 customer questions, asked with `knowledge: {"base": "homehub"}`: the servers put the passages found
@@ -89,7 +89,7 @@ def main() -> None:
             for turn, text in enumerate(user):
                 for name, target in order:
                     # The user reads the last reply (this server's, or the other's at turn 1) and types.
-                    think_and_type(target, history[name], text, args.think_s, name == "typed" and turn > 0)
+                    think_and_type(target, history[name], text, args.think_s, name == "typed")
                     history[name].append({"role": "user", "content": text})
                     reply = chat_stream(target, history[name], settings, turn + 1, extra)
                     if not reply.ok:
@@ -129,7 +129,7 @@ def to_markdown(report: dict) -> str:
               + (" Grounded: each turn a question about the sample knowledge base, asked with it."
                  if report.get("knowledge") else "")
               + (" Both servers as `kuaida serve` starts; the first one's client posts three drafts of "
-                 "each message from turn 2 on (a third, two thirds of the words, and all but the last "
+                 "each message (a third, two thirds of the words, and all but the last "
                  "0.25 s before sending), the other's none." if typed else "")), "",
              (f"| turn | TTFT ms, {on_col} | prefilled tokens | TTFT ms, {off_col} | prefilled tokens "
               f"| {off_col} / {on_col} |"),

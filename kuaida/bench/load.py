@@ -254,11 +254,12 @@ def think_and_type(target: Target, messages: list[dict[str, str]], text: str, th
 def run_conversation(target: Target, user_turns: list[str], settings: LoadSettings,
                      think_s: float = 0.0) -> list[Reply]:
     """One client: each turn resends the growing history and appends the streamed reply to it (after
-    `think_s` seconds, from the second turn on; typing drafts meanwhile with settings.type_ahead)."""
+    `think_s` seconds, from the second turn on; with settings.type_ahead, from the first, typing drafts
+    meanwhile)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     replies = []
     for turn, text in enumerate(user_turns[:settings.turns], 1):
-        if turn > 1:
+        if turn > 1 or settings.type_ahead:
             think_and_type(target, messages, text, think_s, settings.type_ahead)
         messages.append({"role": "user", "content": text})
         reply = chat_stream(target, messages, settings, turn)
@@ -482,7 +483,8 @@ def measure(target: Target, work: Workload, settings: LoadSettings, sweep: bool,
     with OtherCpu() as curve_cpu:
         for i, conversation in enumerate(work.curve if curve else []):
             progress(f"{target.name}: turn curve, conversation {i + 1}/{len(work.curve)}")
-            time.sleep(settings.think_s)  # after the previous conversation's last reply
+            if not settings.type_ahead:  # (a typing user's first turn comes after think_s of typing)
+                time.sleep(settings.think_s)  # after the previous conversation's last reply
             replies.append(run_conversation(target, conversation, settings, settings.think_s))
             # Turn 1 and the last turn of a conversation differ in their user message's length, and the
             # tokens to prefill dominate TTFT: also time the last message alone, as a new conversation's

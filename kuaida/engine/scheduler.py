@@ -23,7 +23,10 @@ so that when the message is sent only its last words and the assistant header ar
 only on an idle slot whose last prompt it extends: the same conversation (its reply as the history
 renders it may differ in a few tokens from the reply as generated; what was written ahead is cut back to
 the common prefix where the user changed their text), never another one that merely shares a prefix.
-Written ahead in chunks of `ahead_chunk` tokens, so a request arriving meanwhile waits at most one chunk.
+A new conversation's first message (no slot continues it) goes to a slot no request has run in since it
+was last emptied (empty, or holding only earlier drafts), after a copy of the longest prefix a request
+wrote anywhere (the system prompt): a draft never evicts a conversation. Written ahead in chunks of
+`ahead_chunk` tokens, so a request arriving meanwhile waits at most one chunk.
 
 With prompt lookup (`lookup=LookupConfig()`), a greedy request whose reply repeats its prompt (a grounded
 answer quoting its passages) gets draft tokens (kuaida.engine.lookup) as extra rows of the same decode
@@ -292,17 +295,41 @@ class Scheduler:
         """Give each type_ahead prompt to the idle slot whose conversation it extends (under the lock)."""
         while self._typed:
             ids = self._typed.popleft()
+            idle = [s for s in self.slots if not s.busy]
             # The slot whose last prompt this extends, holding the most of it.
-            fits = [(n, s) for s in self.slots if not s.busy and s.turn_start > 0
+            fits = [(n, s) for s in idle if s.turn_start > 0
                     and (n := common_prefix(s.cached_ids, ids)) >= s.turn_start]
-            if not fits:
+            if fits:
+                n, slot = max(fits, key=lambda f: f[0])
+            elif not (slot := self._spare_slot(ids, idle)):
                 continue
-            n, slot = max(fits, key=lambda f: f[0])
+            else:
+                n = common_prefix(slot.cached_ids, ids)
             slot.keep(n)  # what was written ahead and the user has since changed (or a re-tokenized reply)
+            slot.last_used = time.perf_counter()
             if ids[n:]:
                 slot.ahead, slot.ahead_at, slot.ahead_typed = ids[n:], time.perf_counter(), True
             else:
                 slot.ahead = None
+
+    def _spare_slot(self, ids: list[int], idle: list[Slot]) -> Slot | None:
+        """For a new conversation's draft: the idle slot holding nothing a request ran in (empty, a copied
+        prefix, earlier drafts) that shares the most with it, that prefix copied in first if another slot
+        holds more of it as requests wrote it; None when every slot holds a conversation."""
+        spare = [s for s in idle if s.turn_start == 0]
+        if not spare:
+            return None
+        # This draft's own earlier one first (it shares more than the prefix it was copied after), else an
+        # empty slot, else the least recently used spare one.
+        slot = max(spare, key=lambda s: (common_prefix(s.cached_ids, ids) > s.settled, not s.cached_ids,
+                                         -s.last_used))
+        src = max(self.slots, key=lambda s: common_prefix(s.cached_ids[:s.settled], ids))
+        m = common_prefix(src.cached_ids[:src.settled], ids)
+        if m > common_prefix(slot.cached_ids, ids):
+            slot.keep(0)
+            self._copy_prefix(src, slot, m)
+            slot.turn_start = 0  # no request ran here: still spare, and no conversation's own slot
+        return slot
 
     def _write_ahead(self, slot: Slot) -> None:
         """Prefill up to ahead_chunk of the slot's pending tokens after its cached ones (the scheduler is
@@ -358,7 +385,7 @@ class Scheduler:
                 best = victim
             elif n == 0:
                 best = victim
-        if best.cached_ids[n:]:
+        if best.settled > n:  # a conversation lost (tokens written ahead only are not one)
             self.metrics.evictions += 1
         return best, n
 
@@ -366,7 +393,7 @@ class Scheduler:
         """Copy the first n cached positions of src's KV row into dst's row (a shared system prompt:
         ~10 MB for 400 tokens of the default model, far less than prefilling it again)."""
         dst.ahead = None
-        if dst.cached_ids:
+        if dst.settled:
             self.metrics.evictions += 1
         for kc, vc in zip(self.cache.k, self.cache.v):
             kc[dst.row, :, :n] = kc[src.row, :, :n]
