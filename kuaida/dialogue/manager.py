@@ -94,8 +94,8 @@ class DialogueManager:
     def typed_prompt_ids(self, session: Session, typed_text: str, max_new_tokens: int) -> list[int]:
         """The next turn's prompt as far as it is known while the user is typing `typed_text` (nothing is
         stored): the history fitted as prepare_turn will fit it, then the typed text up to its last whole
-        word (kuaida.dialogue.template.typed_prompt_ids). [] for a session with a knowledge base: its
-        next passages, which come before the message, depend on the whole message."""
+        word (kuaida.dialogue.template.typed_prompt_ids). Not for a session with a knowledge base (the
+        server asks none): its next passages, which come before the message, depend on the whole message."""
         if not isinstance(typed_text, str):
             raise InvalidArgumentError("the typed text must be a string")
         history, _ = self._history(session)
