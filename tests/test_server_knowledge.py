@@ -115,3 +115,24 @@ def test_session_turns_keep_their_passages_and_reuse_the_prefix(client):
     assert [s["id"] for s in second["kuaida"]["sources"]] == ["docs/price.txt#1"]
     metrics = client.get("/metrics").text
     assert "kuaida_passage_cache_misses_total" in metrics and "kuaida_passage_cache_bytes" in metrics
+
+
+def test_a_grounded_sessions_draft_carries_the_passages_found_so_far(client):
+    import time
+
+    sid = client.post("/v1/sessions", json={"knowledge": {"base": "hub", "k": 1},
+                                            "options": {"temperature": 0, "max_tokens": 4}}).json()["id"]
+    client.post(f"/v1/sessions/{sid}/messages", json={"content": "reset pinhole?"})
+    draft = client.post(f"/v1/sessions/{sid}/draft", json={"content": "what is the hub price in eur"})
+    assert draft.status_code == 202, draft.text
+    known = draft.json()["prompt_tokens"]
+    deadline = time.monotonic() + 10
+    while "kuaida_typed_ahead_prefilled_tokens_total 0.0" in client.get("/metrics").text:
+        assert time.monotonic() < deadline, "the draft was not written"
+        time.sleep(0.01)
+    sent = client.post(f"/v1/sessions/{sid}/messages", json={"content": "what is the hub price in euros"})
+    sent = sent.json()
+    assert [s["id"] for s in sent["kuaida"]["sources"]] == ["docs/price.txt#1"]
+    # The same passage was found for the typed text: it, and the text, came from the cache.
+    assert sent["usage"]["prompt_tokens_details"]["cached_tokens"] == known
+    assert client.post(f"/v1/sessions/{sid}/draft", json={"content": ""}).json()["prompt_tokens"] == 0

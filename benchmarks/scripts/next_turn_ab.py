@@ -89,7 +89,7 @@ def main() -> None:
             for turn, text in enumerate(user):
                 for name, target in order:
                     # The user reads the last reply (this server's, or the other's at turn 1) and types.
-                    think_and_type(target, history[name], text, args.think_s, name == "typed")
+                    think_and_type(target, history[name], text, args.think_s, name == "typed", extra)
                     history[name].append({"role": "user", "content": text})
                     reply = chat_stream(target, history[name], settings, turn + 1, extra)
                     if not reply.ok:

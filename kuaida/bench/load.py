@@ -207,15 +207,17 @@ def chat_stream(target: Target, messages: list[dict[str, str]], settings: LoadSe
         conn.close()
 
 
-def post_draft(target: Target, messages: list[dict[str, str]], timeout_s: float = 30.0) -> int | None:
-    """POST /v1/chat/drafts (kuaida's): -> the prompt tokens the server will write ahead, or None when it
-    failed (a server without drafts, say: the user's typing goes on regardless)."""
+def post_draft(target: Target, messages: list[dict[str, str]], extra: dict[str, Any] | None = None,
+               timeout_s: float = 30.0) -> int | None:
+    """POST /v1/chat/drafts (kuaida's; `extra`: e.g. the `knowledge` the completion will carry) -> the
+    prompt tokens the server will write ahead, or None when it failed (a server without drafts, say: the
+    user's typing goes on regardless)."""
     headers = {"Content-Type": "application/json"}
     if target.api_key:
         headers["Authorization"] = f"Bearer {target.api_key}"
     conn = http.client.HTTPConnection(*target.address, timeout=timeout_s)
     try:
-        conn.request("POST", "/v1/chat/drafts", json.dumps({"messages": messages}), headers)
+        conn.request("POST", "/v1/chat/drafts", json.dumps({"messages": messages, **(extra or {})}), headers)
         response = conn.getresponse()
         body = response.read()
         return json.loads(body)["prompt_tokens"] if response.status == 202 else None
@@ -241,13 +243,13 @@ def typing_drafts(text: str, think_s: float) -> list[tuple[float, str]]:
 
 
 def think_and_type(target: Target, messages: list[dict[str, str]], text: str, think_s: float,
-                   type_ahead: bool) -> None:
+                   type_ahead: bool, extra: dict[str, Any] | None = None) -> None:
     """The user's pause before sending `text` after `messages`: `think_s` seconds, during which (with
-    `type_ahead`) the drafts of typing_drafts are posted at their times."""
+    `type_ahead`) the drafts of typing_drafts are posted at their times (with `extra`: post_draft)."""
     start = time.perf_counter()
     for at, typed in typing_drafts(text, think_s) if type_ahead else ():
         time.sleep(max(0.0, start + at - time.perf_counter()))
-        post_draft(target, [*messages, {"role": "user", "content": typed}])
+        post_draft(target, [*messages, {"role": "user", "content": typed}], extra)
     time.sleep(max(0.0, start + think_s - time.perf_counter()))
 
 

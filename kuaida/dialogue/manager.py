@@ -91,15 +91,19 @@ class DialogueManager:
         return TurnPlan(prompt_ids=prompt_ids, dropped=dropped, messages=kept_messages(messages, dropped),
                         grounding=grounding, spans=spans)
 
-    def typed_prompt_ids(self, session: Session, typed_text: str, max_new_tokens: int) -> list[int]:
+    def typed_prompt_ids(self, session: Session, typed_text: str, max_new_tokens: int,
+                         ground: Callable[..., Grounding] | None = None) -> list[int]:
         """The next turn's prompt as far as it is known while the user is typing `typed_text` (nothing is
         stored): the history fitted as prepare_turn will fit it, then the typed text up to its last whole
-        word (kuaida.dialogue.template.typed_prompt_ids). Not for a session with a knowledge base (the
-        server asks none): its next passages, which come before the message, depend on the whole message."""
+        word (kuaida.dialogue.template.typed_prompt_ids). With `ground` (a session with a knowledge base),
+        the passages found for the text typed so far go before it, as prepare_turn puts the sent message's:
+        where the sent message finds the same ones, they are written already."""
         if not isinstance(typed_text, str):
             raise InvalidArgumentError("the typed text must be a string")
-        history, _ = self._history(session)
+        history, earlier = self._history(session)
         messages = history + [{"role": "user", "content": typed_text}]
+        if ground is not None:
+            messages = ground(messages, earlier=earlier).messages
         _, dropped = fit_history(self._render, messages, self.prompt_budget(max_new_tokens))
         return typed_prompt_ids(self._render, kept_messages(messages, dropped))
 

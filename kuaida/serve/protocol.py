@@ -283,13 +283,15 @@ class DraftRequest(Strict):
 class ChatDraftRequest(Strict):
     """kuaida extra: a conversation whose last message is the user's, still being typed."""
     messages: list[ChatMessage] = Field(min_length=1)
+    knowledge: KnowledgeOptions | None = None  # as the completion will carry it
     model: str | None = None
 
 
 class DraftAccepted(BaseModel):
     object: Literal["draft"] = "draft"
     prompt_tokens: int = Field(description="The prompt tokens known so far, queued to be written while the "
-                                           "server is idle (0: nothing to write, e.g. a grounded session).")
+                                           "server is idle (0: nothing to write, e.g. an empty draft with a "
+                                           "knowledge base, or one that could never fit).")
 
 
 class SessionDeleted(BaseModel):

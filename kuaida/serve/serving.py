@@ -237,17 +237,23 @@ class OpenAIServing:
         """The conversation's next prompt as far as it is typed, written ahead while the server is idle
         (kuaida.engine.scheduler: type_ahead); the completion request that follows reuses it."""
         messages = [m.plain() for m in req.messages]
+        if req.knowledge:  # the passages found for the text typed so far (the sent message may find others)
+            grounding = await asyncio.to_thread(self.retriever.ground, messages, req.knowledge.base,
+                                                req.knowledge.k)
+            messages = grounding.messages
         ids = await asyncio.to_thread(typed_prompt_ids, partial(render_prompt, self.tokenizer), messages)
         return self._type_ahead(ids)
 
     async def session_draft(self, session_id: str, req: DraftRequest, owner: str | None) -> DraftAccepted:
         session = await asyncio.to_thread(self.store.get, session_id, owner)
         sampling, knowledge = split_options(session.options)
-        if knowledge:  # the next passages, before the message, depend on the whole message
-            return DraftAccepted(prompt_tokens=0)
         budget = SessionOptions(**sampling).sampling(self.defaults).max_new_tokens
+        # A knowledge base's passages go before the message: those found for the text typed so far.
+        ground = partial(self.retriever.ground, base=knowledge.base, k=knowledge.k) if knowledge else None
+        if ground and not req.content.strip():
+            return DraftAccepted(prompt_tokens=0)
         try:
-            ids = await asyncio.to_thread(self.manager.typed_prompt_ids, session, req.content, budget)
+            ids = await asyncio.to_thread(self.manager.typed_prompt_ids, session, req.content, budget, ground)
         except ContextLengthError:  # the message, when sent, will be refused with the reason
             ids = []
         return self._type_ahead(ids)
