@@ -180,15 +180,21 @@ class LoadSettings:
     type_ahead: bool = False
 
 
+def request_headers(target: Target, **more: str) -> dict[str, str]:
+    """A JSON request's headers for `target` (its bearer key, if it has one), plus `more`."""
+    headers = {"Content-Type": "application/json", **more}
+    if target.api_key:
+        headers["Authorization"] = f"Bearer {target.api_key}"
+    return headers
+
+
 def chat_stream(target: Target, messages: list[dict[str, str]], settings: LoadSettings, turn: int,
                 extra: dict[str, Any] | None = None) -> Reply:
     """POST one streaming chat completion and time it (`extra`: more body fields, e.g. kuaida's
     `knowledge`)."""
     body = {"model": "default", "messages": messages, "stream": True, "max_tokens": settings.reply_tokens,
             "temperature": settings.temperature, "stream_options": {"include_usage": True}, **(extra or {})}
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-    if target.api_key:
-        headers["Authorization"] = f"Bearer {target.api_key}"
+    headers = request_headers(target, Accept="text/event-stream")
     reply = Reply(turn=turn)
     conn = http.client.HTTPConnection(*target.address, timeout=settings.timeout_s)
     try:
@@ -212,9 +218,7 @@ def post_draft(target: Target, messages: list[dict[str, str]], extra: dict[str, 
     """POST /v1/chat/drafts (kuaida's; `extra`: e.g. the `knowledge` the completion will carry) -> the
     prompt tokens the server will write ahead, or None when it failed (a server without drafts, say: the
     user's typing goes on regardless)."""
-    headers = {"Content-Type": "application/json"}
-    if target.api_key:
-        headers["Authorization"] = f"Bearer {target.api_key}"
+    headers = request_headers(target)
     conn = http.client.HTTPConnection(*target.address, timeout=timeout_s)
     try:
         conn.request("POST", "/v1/chat/drafts", json.dumps({"messages": messages, **(extra or {})}), headers)

@@ -75,12 +75,7 @@ class DialogueManager:
         this returns, i.e. before any generation starts."""
         if not isinstance(user_text, str) or not user_text.strip():
             raise InvalidArgumentError("the user message must be a non-empty string")
-        history, earlier = self._history(session)
-        messages = history + [{"role": "user", "content": user_text}]
-        grounding = ground(messages, earlier=earlier) if ground else None
-        if grounding is not None:
-            messages = grounding.messages
-        prompt_ids, dropped = fit_history(self._render, messages, self.prompt_budget(max_new_tokens))
+        messages, grounding, prompt_ids, dropped = self._fitted(session, user_text, max_new_tokens, ground)
         spans: list[tuple[int, int]] = []
         if grounding is not None:  # the same render again, now noting where the passages are
             prompt_ids = self._render(kept_messages(messages, dropped), spans)
@@ -100,12 +95,21 @@ class DialogueManager:
         where the sent message finds the same ones, they are written already."""
         if not isinstance(typed_text, str):
             raise InvalidArgumentError("the typed text must be a string")
-        history, earlier = self._history(session)
-        messages = history + [{"role": "user", "content": typed_text}]
-        if ground is not None:
-            messages = ground(messages, earlier=earlier).messages
-        _, dropped = fit_history(self._render, messages, self.prompt_budget(max_new_tokens))
+        messages, _, _, dropped = self._fitted(session, typed_text, max_new_tokens, ground)
         return typed_prompt_ids(self._render, kept_messages(messages, dropped))
+
+    def _fitted(self, session: Session, user_text: str, max_new_tokens: int,
+                ground: Callable[..., Grounding] | None
+                ) -> tuple[list[dict], Grounding | None, list[int], int]:
+        """The history and the new user message, grounded (with `ground`) and fitted to the prompt budget:
+        -> (messages, grounding, prompt ids, oldest messages dropped)."""
+        history, earlier = self._history(session)
+        messages = history + [{"role": "user", "content": user_text}]
+        grounding = ground(messages, earlier=earlier) if ground else None
+        if grounding is not None:
+            messages = grounding.messages
+        prompt_ids, dropped = fit_history(self._render, messages, self.prompt_budget(max_new_tokens))
+        return messages, grounding, prompt_ids, dropped
 
     def finish_turn(self, session: Session, reply_text: str, meta: dict) -> None:
         """Store the assistant's reply with its meta (usage, timings, finish_reason)."""

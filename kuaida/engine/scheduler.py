@@ -299,12 +299,10 @@ class Scheduler:
             # The slot whose last prompt this extends, holding the most of it.
             fits = [(n, s) for s in idle if s.turn_start > 0
                     and (n := common_prefix(s.cached_ids, ids)) >= s.turn_start]
-            if fits:
-                n, slot = max(fits, key=lambda f: f[0])
-            elif not (slot := self._spare_slot(ids, idle)):
+            found = max(fits, key=lambda f: f[0]) if fits else self._spare_slot(ids, idle)
+            if found is None:
                 continue
-            else:
-                n = common_prefix(slot.cached_ids, ids)
+            n, slot = found
             slot.keep(n)  # what was written ahead and the user has since changed (or a re-tokenized reply)
             slot.last_used = time.perf_counter()
             if ids[n:]:
@@ -312,24 +310,25 @@ class Scheduler:
             else:
                 slot.ahead = None
 
-    def _spare_slot(self, ids: list[int], idle: list[Slot]) -> Slot | None:
+    def _spare_slot(self, ids: list[int], idle: list[Slot]) -> tuple[int, Slot] | None:
         """For a new conversation's draft: the idle slot holding nothing a request ran in (empty, a copied
-        prefix, earlier drafts) that shares the most with it, that prefix copied in first if another slot
-        holds more of it as requests wrote it; None when every slot holds a conversation."""
-        spare = [s for s in idle if s.turn_start == 0]
-        if not spare:
+        prefix, earlier drafts), the longest prefix a request wrote anywhere copied in first where that is
+        more than it shares with the draft already -> (tokens of the draft it holds, the slot); None when
+        every slot holds a conversation."""
+        shared = {s.row: common_prefix(s.cached_ids, ids) for s in idle if s.turn_start == 0}
+        if not shared:
             return None
         # This draft's own earlier one first (it shares more than the prefix it was copied after), else an
         # empty slot, else the least recently used spare one.
-        slot = max(spare, key=lambda s: (common_prefix(s.cached_ids, ids) > s.settled, not s.cached_ids,
-                                         -s.last_used))
+        slot = max((s for s in idle if s.row in shared),
+                   key=lambda s: (shared[s.row] > s.settled, not s.cached_ids, -s.last_used))
         src = max(self.slots, key=lambda s: common_prefix(s.cached_ids[:s.settled], ids))
-        m = common_prefix(src.cached_ids[:src.settled], ids)
-        if m > common_prefix(slot.cached_ids, ids):
-            slot.keep(0)
-            self._copy_prefix(src, slot, m)
-            slot.turn_start = 0  # no request ran here: still spare, and no conversation's own slot
-        return slot
+        if (m := common_prefix(src.cached_ids[:src.settled], ids)) <= shared[slot.row]:
+            return shared[slot.row], slot
+        slot.keep(0)
+        self._copy_prefix(src, slot, m)
+        slot.turn_start = 0  # no request ran here: still spare, and no conversation's own slot
+        return m, slot
 
     def _write_ahead(self, slot: Slot) -> None:
         """Prefill up to ahead_chunk of the slot's pending tokens after its cached ones (the scheduler is

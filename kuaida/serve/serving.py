@@ -211,11 +211,7 @@ class OpenAIServing:
     async def chat_completion(self, req: ChatCompletionRequest,
                               request: Request) -> ChatCompletion | EventStream:
         params = req.sampling(self.defaults)
-        messages, grounding = [m.plain() for m in req.messages], None
-        if req.knowledge:
-            grounding = await asyncio.to_thread(self.retriever.ground, messages, req.knowledge.base,
-                                                req.knowledge.k)
-            messages = grounding.messages
+        messages, grounding = await self._grounded([m.plain() for m in req.messages], req.knowledge)
         # Rendering is deterministic (same messages -> same ids), so a client resending its history
         # shares a token prefix with its last request and the scheduler reuses that KV cache.
         spans: list[tuple[int, int]] = []  # where the passages are (the scheduler may take them cached)
@@ -232,15 +228,26 @@ class OpenAIServing:
                                               finish_reason=finish_reason(stats))],
                               usage=usage(stats), kuaida=kuaida_stats(stats, grounding=grounding))
 
+    def _ground(self, knowledge: KnowledgeOptions | None) -> Callable[..., Grounding] | None:
+        """The search of a session's knowledge base (DialogueManager's `ground`), or None without one."""
+        return partial(self.retriever.ground, base=knowledge.base, k=knowledge.k) if knowledge else None
+
+    async def _grounded(self, messages: list[dict], knowledge: KnowledgeOptions | None
+                        ) -> tuple[list[dict], Grounding | None]:
+        """A chat request's messages with the passages found for its last user message (and those its
+        earlier turns had), when it names a knowledge base."""
+        if not knowledge:
+            return messages, None
+        grounding = await asyncio.to_thread(self.retriever.ground, messages, knowledge.base, knowledge.k)
+        return grounding.messages, grounding
+
     # -- drafts: the user's message while it is typed -------------------------------------------------
     async def chat_draft(self, req: ChatDraftRequest) -> DraftAccepted:
         """The conversation's next prompt as far as it is typed, written ahead while the server is idle
         (kuaida.engine.scheduler: type_ahead); the completion request that follows reuses it."""
-        messages = [m.plain() for m in req.messages]
-        if req.knowledge:  # the passages found for the text typed so far (the sent message may find others)
-            grounding = await asyncio.to_thread(self.retriever.ground, messages, req.knowledge.base,
-                                                req.knowledge.k)
-            messages = grounding.messages
+        # With a knowledge base: the passages found for the text typed so far (the sent message may find
+        # others).
+        messages, _ = await self._grounded([m.plain() for m in req.messages], req.knowledge)
         ids = await asyncio.to_thread(typed_prompt_ids, partial(render_prompt, self.tokenizer), messages)
         return self._type_ahead(ids)
 
@@ -249,7 +256,7 @@ class OpenAIServing:
         sampling, knowledge = split_options(session.options)
         budget = SessionOptions(**sampling).sampling(self.defaults).max_new_tokens
         # A knowledge base's passages go before the message: those found for the text typed so far.
-        ground = partial(self.retriever.ground, base=knowledge.base, k=knowledge.k) if knowledge else None
+        ground = self._ground(knowledge)
         if ground and not req.content.strip():
             return DraftAccepted(prompt_tokens=0)
         try:
@@ -329,7 +336,7 @@ class OpenAIServing:
         # client retrying after a 429 does not leave the same message twice in the history.
         if self.scheduler.queue_depth >= self.scheduler.max_queue:
             raise BusyError(f"{self.scheduler.queue_depth} requests are already waiting; retry shortly")
-        ground = partial(self.retriever.ground, base=knowledge.base, k=knowledge.k) if knowledge else None
+        ground = self._ground(knowledge)
         plan = await asyncio.to_thread(self.manager.prepare_turn, session, text, params.max_new_tokens, ground)
         return self._submit(plan.prompt_ids, params, plan.spans), plan
 
