@@ -268,7 +268,8 @@ def test_what_the_user_types_is_written_ahead_and_reused_by_the_sent_message(loa
     sched = make(loaded, next_turn_ids=NEXT_TURN, next_turn_delay_s=0.0, ahead_chunk=2)
     prompt = [5, 6, 7, 8, 9, 10]
     list(sched.submit(prompt, SamplingParams(**GREEDY)))
-    assert wait_for(lambda: sched.metrics.next_turn_tokens > 0)
+    # Every chunk of the next-turn tokens written (2 at a time here), before the draft's writes are counted.
+    assert wait_for(lambda: sched.metrics.next_turn_tokens > 0 and all(s.ahead is None for s in sched.slots))
     slot = next(s for s in sched.slots if s.cached_ids[:len(prompt)] == prompt)
     history = list(slot.cached_ids)  # prompt, reply, next-turn tokens
     writes.clear()
