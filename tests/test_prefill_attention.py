@@ -1,11 +1,17 @@
-"""The AVX-512 BF16 prefill-attention kernel (kernels/attention.cpp) against fp32 SDPA; its use by the model.
+"""The prefill-attention kernels (kernels/attention.cpp) against fp32 SDPA; their use by the model.
 
-Tolerances. The kernel rounds q, k, v and the softmax weights P to bf16 (unit roundoff u = 2^-8) and does
-everything else in fp32. Against fp32 SDPA over the same bf16-rounded q, k, v (`emulate`), only P's rounding
-remains: out = sum_j p_j (1 + e_j) v_j / sum_j p_j with |e_j| <= u, so |out - emulate| <= u * max |v| (plus
-fp32 summation order and the exp polynomial, ~1e-6 relative). Against plain fp32 SDPA the rounding of q and
-k moves the scores too; measured max abs error 1.2e-2 over these cases (q ~ 2 N(0, 1), k, v ~ N(0, 1), so
-|v| <= ~4.5), asserted at 3e-2.
+Two kernels read the fp16 cache in place: "bf16" (AVX-512 BF16, where the CPU has it) and "fp32" (AVX2 +
+FMA + F16C, every CPU the kernels run on; on a BF16 machine the tests select it with
+KUAIDA_NO_BF16_ATTENTION=1). Each test runs for both where the CPU allows.
+
+Tolerances. The fp32 kernel does fp32 SDPA's arithmetic in another order (scores as 8-key dot products,
+exp by a degree-5 polynomial with relative error ~2e-7): measured max abs error 3.2e-6 over these cases,
+asserted at 2e-5. The bf16 kernel rounds q, k, v and the softmax weights P to bf16 (unit roundoff
+u = 2^-8) and does everything else in fp32. Against fp32 SDPA over the same bf16-rounded q, k, v
+(`emulate`), only P's rounding remains: out = sum_j p_j (1 + e_j) v_j / sum_j p_j with |e_j| <= u, so
+|out - emulate| <= u * max |v| (plus fp32 summation order and the exp polynomial, ~1e-6 relative). Against
+plain fp32 SDPA the rounding of q and k moves the scores too; measured max abs error 1.2e-2 over these
+cases (q ~ 2 N(0, 1), k, v ~ N(0, 1), so |v| <= ~4.5), asserted at 3e-2.
 """
 from __future__ import annotations
 
@@ -17,7 +23,21 @@ from kuaida import kernels
 from kuaida.model.args import ModelArgs
 from kuaida.model.transformer import Transformer
 
-pytestmark = pytest.mark.skipif(not kernels.bf16_attention(), reason="no AVX512-BF16 CPU (or kernels off)")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels not built (no AVX2, or kernels off)")
+
+
+@pytest.fixture(params=["bf16", "fp32"])
+def kind(request, monkeypatch):
+    """The kernel under test, selected through the environment as a user would."""
+    monkeypatch.delenv("KUAIDA_NO_PREFILL_KERNEL", raising=False)
+    if request.param == "bf16":
+        if not kernels.bf16_attention():
+            pytest.skip("no AVX512-BF16 CPU")
+    else:
+        monkeypatch.setenv("KUAIDA_NO_BF16_ATTENTION", "1")
+    assert kernels.prefill_kernel(torch.float16, 64) == request.param
+    return request.param
+
 
 U = 2.0 ** -8  # bf16 unit roundoff
 
@@ -67,31 +87,49 @@ CASES = [  # heads, kv_heads, dim, positions
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,positions", CASES)
-def test_prefill_attention_matches_sdpa(heads, kv_heads, dim, positions):
+def test_prefill_attention_matches_sdpa(kind, heads, kv_heads, dim, positions):
     q, k, v = make_case(heads, kv_heads, dim, positions)
     out = kernels.prefill_attention(q, k, v, 1, positions)
     assert out.shape == q.shape and out.dtype == torch.float32
+    want = sdpa_reference(q, k, v, 1, positions)
+    if kind == "fp32":
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
+        return
     emulated = sdpa_reference(bf16(q), bf16(k.float()), bf16(v.float()), 1, positions)
     vmax = bf16(v[1, :, :int(positions[-1]) + 1].float()).abs().max()
     assert (out - emulated).abs().max() <= (U + 1e-4) * vmax
-    torch.testing.assert_close(out, sdpa_reference(q, k, v, 1, positions), atol=3e-2, rtol=0)
+    torch.testing.assert_close(out, want, atol=3e-2, rtol=0)
 
 
-def test_prefill_attention_rejects_bad_positions():
+@pytest.mark.parametrize("dim", [40, 72])
+def test_fp32_kernel_odd_head_dims(dim, monkeypatch):
+    """head_dim a multiple of 8 but not of 32 (the bf16 kernel's condition): the fp32 kernel takes it, with
+    P @ V's last chunk narrower than 32 dims."""
+    monkeypatch.setenv("KUAIDA_NO_PREFILL_KERNEL", "0")
+    assert kernels.prefill_kernel(torch.float16, dim) == "fp32"
+    positions = torch.arange(13, 50)
+    q, k, v = make_case(6, 2, dim, positions)
+    torch.testing.assert_close(kernels.prefill_attention(q, k, v, 1, positions),
+                               sdpa_reference(q, k, v, 1, positions), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fn", ["prefill_attention", "prefill_attention_fp32"])
+def test_prefill_attention_rejects_bad_positions(fn):
+    if fn == "prefill_attention" and not kernels.bf16_attention():
+        pytest.skip("no AVX512-BF16 CPU")
     q, k, v = make_case(2, 1, 32, torch.arange(4))
-    ext = kernels._load("attention")
+    call = getattr(kernels._load("attention"), fn)
     with pytest.raises(RuntimeError, match="strictly increasing"):
-        ext.prefill_attention(q, k, v, 1, torch.tensor([0, 2, 2, 3]), 1.0)
+        call(q, k, v, 1, torch.tensor([0, 2, 2, 3]), 1.0)
     with pytest.raises(RuntimeError, match="out of the cache's range"):
-        ext.prefill_attention(q, k, v, 1, torch.tensor([0, 1, 2, 24]), 1.0)
+        call(q, k, v, 1, torch.tensor([0, 1, 2, 24]), 1.0)
 
 
-def test_env_switch_selects_sdpa(monkeypatch):
+def test_env_switch_selects_sdpa(kind, monkeypatch):
     q, k, v = make_case(4, 2, 64, torch.arange(10, 20))
     positions = torch.arange(10, 20)
-    assert kernels.bf16_attention()
-    monkeypatch.setenv("KUAIDA_NO_BF16_ATTENTION", "1")
-    assert not kernels.bf16_attention()
+    monkeypatch.setenv("KUAIDA_NO_PREFILL_KERNEL", "1")
+    assert kernels.prefill_kernel(torch.float16, 64) is None
     want = sdpa_reference(q, k, v, 1, positions)
     assert torch.equal(kernels.prefill_attention(q, k, v, 1, positions), want)
 
@@ -99,7 +137,7 @@ def test_env_switch_selects_sdpa(monkeypatch):
 def _prefills(monkeypatch, use_kernel: bool):
     """Logits of a tiny model (head_dim 32) with an fp16 cache: a 40-token prefill into row 1, then a
     prompt around a passage (positions 0-9 and 30-39 rewritten, 10-29 kept), then a decode step."""
-    monkeypatch.setenv("KUAIDA_NO_BF16_ATTENTION", "0" if use_kernel else "1")
+    monkeypatch.setenv("KUAIDA_NO_PREFILL_KERNEL", "0" if use_kernel else "1")
     torch.manual_seed(0)
     model = Transformer(ModelArgs.preset("tiny", dim=128, n_heads=4, n_kv_heads=2)).eval()
     cache = model.new_cache(batch=2, max_seq=64, dtype=torch.float16)
@@ -114,16 +152,18 @@ def _prefills(monkeypatch, use_kernel: bool):
     return first, second, step
 
 
-def test_model_prefill_with_kernel_is_close_to_sdpa(monkeypatch):
-    """Same logits within bf16 noise: measured max difference 0.025 on logits of std ~14 (2e-3 of it), the
-    same argmax everywhere; the decode step reads keys/values the two prefills wrote."""
+def test_model_prefill_with_kernel_is_close_to_sdpa(kind, monkeypatch):
+    """Same logits within the kernel's noise: for bf16, measured max difference 0.025 on logits of std ~14
+    (2e-3 of it), the same argmax everywhere; for fp32, 4e-6 of it. The decode step reads keys/values the
+    two prefills wrote."""
     with_kernel, with_sdpa = _prefills(monkeypatch, True), _prefills(monkeypatch, False)
+    bound = 5e-3 if kind == "bf16" else 1e-4
     for got, want in zip(with_kernel, with_sdpa):
-        assert (got - want).abs().max() <= 5e-3 * want.std()
+        assert (got - want).abs().max() <= bound * want.std()
         assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_fp32_cache_keeps_sdpa(monkeypatch):
+def test_fp32_cache_keeps_sdpa(kind):
     model = Transformer(ModelArgs.preset("tiny", dim=128, n_heads=4, n_kv_heads=2)).eval()
     assert not model.new_cache(dtype=torch.float32).prefills_in_place()
     assert model.new_cache(dtype=torch.float16).prefills_in_place()

@@ -343,6 +343,14 @@ def test_bad_drafts_are_4xx(make_client):
                        headers=alice).json()["prompt_tokens"] == 0  # could never fit: nothing written
 
 
+def test_without_prefix_caching_a_draft_reports_nothing_queued(make_client):
+    client = make_client(prefix_cache=False)
+    draft = client.post("/v1/chat/drafts", json={"messages": [{"role": "user", "content": "What is the wea"}]})
+    assert draft.status_code == 202 and draft.json()["prompt_tokens"] == 0
+    sid = client.post("/v1/sessions", json={}).json()["id"]
+    assert client.post(f"/v1/sessions/{sid}/draft", json={"content": "Hello th"}).json()["prompt_tokens"] == 0
+
+
 def test_a_first_messages_draft_is_written_before_the_conversation_exists(client):
     system = {"role": "system", "content": "You are terse."}
     draft = client.post("/v1/chat/drafts", json={

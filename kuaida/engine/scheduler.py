@@ -224,15 +224,17 @@ class Scheduler:
             self._wake.notify()
         return stream
 
-    def type_ahead(self, prompt_ids: list[int]) -> None:
+    def type_ahead(self, prompt_ids: list[int]) -> bool:
         """A conversation's next prompt as far as it is known (its user still typing): written into the
-        slot whose conversation it extends while the scheduler is idle (module docstring). Ignored where
-        no idle slot holds that conversation, or the prompt leaves no room in the context."""
+        slot whose conversation it extends while the scheduler is idle (module docstring). Returns whether
+        it was queued: not without prefix caching, for an empty prompt, or one that leaves no room in the
+        context. A queued prompt is still dropped where no idle slot can take it."""
         if not self.enable_prefix_cache or not prompt_ids or len(prompt_ids) >= self.max_context:
-            return
+            return False
         with self._wake:
             self._typed.append(list(prompt_ids))
             self._wake.notify()
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new requests, cancel queued ones, let active ones finish for up to `timeout` s."""

@@ -271,9 +271,21 @@ def fused_int8() -> bool:
 
 
 def bf16_attention() -> bool:
-    """True when `prefill_attention` runs its AVX-512 BF16 kernel: the kernels are loaded, the CPU has
+    """True when `prefill_attention` can run its AVX-512 BF16 kernel: the kernels are loaded, the CPU has
     AVX512-BF16 and KUAIDA_NO_BF16_ATTENTION is not 1 (read on every call, so tests can switch it)."""
     return _has_avx512_bf16_attention() and os.environ.get("KUAIDA_NO_BF16_ATTENTION") != "1"
+
+
+def prefill_kernel(cache_dtype: torch.dtype, head_dim: int) -> str | None:
+    """Which kernel `prefill_attention` runs over a cache of this dtype and head_dim: "bf16" (AVX-512 BF16:
+    `bf16_attention()`, head_dim a multiple of 32), "fp32" (AVX2 + FMA + F16C, all in fp32: the other CPUs
+    the kernels run on, head_dim a multiple of 8), or None: fp32 SDPA over an upcast copy of the prefix (an
+    fp32 cache, no kernels, or KUAIDA_NO_PREFILL_KERNEL=1; read on every call, for A/B runs and tests)."""
+    if cache_dtype != torch.float16 or os.environ.get("KUAIDA_NO_PREFILL_KERNEL") == "1":
+        return None
+    if bf16_attention() and head_dim % 32 == 0:
+        return "bf16"
+    return "fp32" if head_dim % 8 == 0 and _load("attention") is not None else None
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int,
@@ -283,13 +295,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: in
     q [H, T, D] fp32 (RoPE applied; any strides); k, v: the cache's [R, Hkv, S, D] fp16, the new tokens'
     keys/values already written; positions int64 [T], strictly increasing, gaps allowed (every position up
     to the last must hold a key) -> [H, T, D] fp32, out[h, t] attending to cache positions <= positions[t].
-    With `bf16_attention()` the kernel rounds q, k, the softmax weights and v to bf16 (fp32 accumulation and
-    softmax; ~1e-2 from fp32 SDPA, see tests/test_prefill_attention.py), head_dim a multiple of 32, and
-    returns a [T, H, D]-strided tensor; else fp32 SDPA over an upcast copy of the prefix."""
-    if bf16_attention() and k.dtype == torch.float16 and q.shape[-1] % 32 == 0:
+    By `prefill_kernel`: "bf16" rounds q, k, the softmax weights and v to bf16 (fp32 accumulation and
+    softmax; ~1e-2 from fp32 SDPA, see tests/test_prefill_attention.py); "fp32" is fp32 SDPA's arithmetic
+    in another order (~1e-6); both return a [T, H, D]-strided tensor; None: fp32 SDPA over an upcast copy
+    of the prefix."""
+    kind = prefill_kernel(k.dtype, q.shape[-1])
+    if kind is not None:
         q32 = q if q.dtype == torch.float32 and q.stride(-1) == 1 else q.float().contiguous()
-        scale = q.shape[-1] ** -0.5
-        return _load("attention").prefill_attention(q32, k, v, row, positions.contiguous(), scale).to(q.dtype)
+        ext, scale = _load("attention"), q.shape[-1] ** -0.5
+        fn = ext.prefill_attention if kind == "bf16" else ext.prefill_attention_fp32
+        return fn(q32, k, v, row, positions.contiguous(), scale).to(q.dtype)
     span = int(positions[-1]) + 1
     mask = torch.arange(span) <= positions[:, None]  # [T, span]
     k, v = (c[row:row + 1, :, :span].to(q.dtype) for c in (k, v))

@@ -11,8 +11,8 @@
 // rows of different lengths need one call each (or a padded copy of every history). The work streams the
 // histories from memory, so an fp16 cache halves its time.
 //
-// Prefill attention (many new query tokens of one sequence over its cached prefix), AVX-512 BF16: see
-// prefill_attention below.
+// Prefill attention (many new query tokens of one sequence over its cached prefix): AVX-512 BF16 in
+// prefill_attention below, AVX2 fp32 in prefill_attention_fp32 for the other CPUs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -890,6 +890,291 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 }
 
 
+// ---- Prefill attention, AVX2 + FMA + F16C (fp32) -----------------------------------------------------------
+//
+// prefill_attention's contract (above) for CPUs without AVX512-BF16 (Zen 3, most AVX2 machines), all in fp32:
+// the fp16 cache is read in place (converted while packing), no bf16 rounding, so the result is fp32 SDPA's
+// within summation order (~1e-6). Why: there the model's prefill ran KVCache.update's fp32 copy of the whole
+// prefix (every layer) and torch's SDPA at ~58 GFLOP/s on 2 threads (T = 48 over 1,278 keys: 73 ms of
+// attention and ~13 ms of copies in a 236 ms turn-10 prefill on Zen 3); FMA alone allows ~150. Three steps:
+//   1. pack the prefix once per call: keys as fp32 panels [Hkv][S/8][D][8] (8 keys' dimension d in one ymm:
+//      a broadcast q element times a panel row gives 8 scores' partial sums, no horizontal adds), values as
+//      fp32 [Hkv][S][D]; zeros past the prefix.
+//   2. a task = (kv head, kQueryBlock8 tokens x G heads = rows), q rows pre-scaled: scores of 6-row x 16-key
+//      tiles (12 accumulators), per row mask, max, exp (exp256) and sum; P kept in place of the scores.
+//   3. P @ V in blocks of kPvKeys keys (their values stay in L1 while every row tile passes): 3-row x 32-dim
+//      tiles accumulate into the task's fp32 output rows, scaled by 1 / sum at the end.
+namespace {
+
+constexpr int64_t kKeyPanel = 8;      // keys per panel (one ymm of scores)
+constexpr int kScoreRows = 6;         // score tile: 6 rows x 2 panels = 12 accumulators, 2 loads, 1 broadcast
+constexpr int kScorePanels = 2;
+constexpr int kPvRows = 3;            // P @ V tile: 3 rows x 4 ymm (32 dims) = 12 accumulators
+constexpr int kPvChunks = 4;
+constexpr int64_t kPvKeys = 64;       // values per block: 16 KB at D = 64
+constexpr int64_t kQueryBlock8 = 8;   // query tokens per task
+
+struct PrefillArgs32 {
+  const float* q;
+  int64_t q_head, q_tok;  // q's strides (elements) over heads and tokens
+  const float* kp;        // packed keys [Hkv][Spad / 8][D][8]
+  const float* v;         // values [Hkv][Spad][D]
+  int64_t head_elems;     // Spad * D: floats per kv head in kp and v
+  const int64_t* pos;
+  int64_t H, G, D;
+  float scale;
+  float* out;  // [T, H, D]
+};
+
+struct PrefillScratch32 {  // per worker thread, reused across calls
+  std::vector<float> q, s, acc, inv;
+};
+
+// r[0..8) <- its transpose (8 x 8 floats).
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Keys/values [j0, j0 + 8) of one kv head (k, v: fp16 rows of D from key j0; the first n exist, the rest
+// become zeros) -> one key panel kp [D][8] and 8 value rows vp [8][D], fp32.
+void pack_panel8(const uint16_t* k, const uint16_t* v, int64_t n, int64_t D, float* kp, float* vp) {
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 r[kKeyPanel];
+    for (int64_t i = 0; i < kKeyPanel; ++i) r[i] = i < n ? load8(k + i * D + d) : _mm256_setzero_ps();
+    transpose8(r);
+    for (int64_t i = 0; i < kKeyPanel; ++i) _mm256_storeu_ps(kp + (d + i) * kKeyPanel, r[i]);
+  }
+  for (int64_t i = 0; i < kKeyPanel; ++i)
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(vp + i * D + d, i < n ? load8(v + i * D + d) : _mm256_setzero_ps());
+}
+
+// s[r][8 n + i] = q[r] . key[8 n + i] for MR rows (q: fp32 [MR][D], pre-scaled) and NR panels (kp [NR][D][8]).
+template <int MR, int NR>
+void score_tile8(const float* q, int64_t D, const float* kp, float* s, int64_t lds) {
+  __m256 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) acc[r][n] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m256 k[NR];
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) k[n] = _mm256_loadu_ps(kp + (n * D + d) * kKeyPanel);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 qb = _mm256_broadcast_ss(q + r * D + d);
+#pragma GCC unroll 4
+      for (int n = 0; n < NR; ++n) acc[r][n] = _mm256_fmadd_ps(qb, k[n], acc[r][n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) _mm256_storeu_ps(s + r * lds + n * kKeyPanel, acc[r][n]);
+}
+
+template <int NR>
+void score_rows8(const float* q, int64_t rows, int64_t D, const float* kp, float* s, int64_t lds) {
+  int64_t r = 0;
+  for (; r + kScoreRows <= rows; r += kScoreRows) score_tile8<kScoreRows, NR>(q + r * D, D, kp, s + r * lds, lds);
+  switch (rows - r) {
+    case 5: score_tile8<5, NR>(q + r * D, D, kp, s + r * lds, lds); break;
+    case 4: score_tile8<4, NR>(q + r * D, D, kp, s + r * lds, lds); break;
+    case 3: score_tile8<3, NR>(q + r * D, D, kp, s + r * lds, lds); break;
+    case 2: score_tile8<2, NR>(q + r * D, D, kp, s + r * lds, lds); break;
+    case 1: score_tile8<1, NR>(q + r * D, D, kp, s + r * lds, lds); break;
+    default: break;
+  }
+}
+
+// One row of scores s[0, width) with keys [0, len) visible (1 <= len <= width, width % 8 == 0) -> in place
+// exp(s - max), 0 where masked; returns the sum of the powers.
+float softmax_row8(float* s, int64_t len, int64_t width) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+  const int64_t tail = len - j;  // 0..7 visible lanes in the vector at j
+  const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)), lane));
+  if (tail) mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j), live));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))));
+  __m256 sum = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= len; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+    _mm256_storeu_ps(s + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (tail) {
+    // Masked lanes may hold larger scores: clamp before exp, then zero them.
+    const __m256 x = _mm256_min_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), m), _mm256_setzero_ps());
+    const __m256 e = _mm256_and_ps(exp256(x), live);
+    _mm256_storeu_ps(s + j, e);
+    sum = _mm256_add_ps(sum, e);
+    j += 8;
+  }
+  for (; j < width; j += 8) _mm256_storeu_ps(s + j, _mm256_setzero_ps());
+  return hsum8(sum);
+}
+
+// acc[r][d0, d0 + 8 NC) += sum_{j0 <= j < j1} p[r][j] v[j][d0 ...] for MR rows (p [MR][ldp], acc [MR][D]).
+template <int MR, int NC>
+void pv_tile8(const float* p, int64_t ldp, const float* v, int64_t D, int64_t j0, int64_t j1, float* acc,
+              int64_t d0) {
+  __m256 a[MR][NC];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) a[r][c] = _mm256_loadu_ps(acc + r * D + d0 + c * 8);
+  for (int64_t j = j0; j < j1; ++j) {
+    __m256 vv[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) vv[c] = _mm256_loadu_ps(v + j * D + d0 + c * 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256 pb = _mm256_broadcast_ss(p + r * ldp + j);
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) a[r][c] = _mm256_fmadd_ps(pb, vv[c], a[r][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + r * D + d0 + c * 8, a[r][c]);
+}
+
+template <int MR>
+void pv_rows8(const float* p, int64_t ldp, const float* v, int64_t D, int64_t j0, int64_t j1, float* acc) {
+  for (int64_t d0 = 0; d0 < D; d0 += kPvChunks * 8) {
+    switch (std::min<int64_t>(kPvChunks, (D - d0) / 8)) {
+      case 4: pv_tile8<MR, 4>(p, ldp, v, D, j0, j1, acc, d0); break;
+      case 3: pv_tile8<MR, 3>(p, ldp, v, D, j0, j1, acc, d0); break;
+      case 2: pv_tile8<MR, 2>(p, ldp, v, D, j0, j1, acc, d0); break;
+      default: pv_tile8<MR, 1>(p, ldp, v, D, j0, j1, acc, d0);
+    }
+  }
+}
+
+// One task: kv head h, query tokens [t0, t1) (rows r = (t - t0) * G + g for query head h * G + g).
+void prefill_task32(const PrefillArgs32& a, int64_t h, int64_t t0, int64_t t1, PrefillScratch32& w) {
+  const int64_t G = a.G, D = a.D, rows = (t1 - t0) * G;
+  const int64_t L = a.pos[t1 - 1] + 1, panels = (L + kKeyPanel - 1) / kKeyPanel, width = panels * kKeyPanel;
+  w.q.resize(rows * D);
+  w.s.resize(rows * width);
+  w.acc.assign(rows * D, 0.0f);
+  w.inv.resize(rows);
+  const __m256 sc = _mm256_set1_ps(a.scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* qr = a.q + (h * G + r % G) * a.q_head + (t0 + r / G) * a.q_tok;
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(w.q.data() + r * D + d, _mm256_mul_ps(_mm256_loadu_ps(qr + d), sc));
+  }
+  const float* kp = a.kp + h * a.head_elems;
+  for (int64_t n = 0; n < panels; n += kScorePanels) {  // two panels (4 KB at D = 64) stay in L1 for all rows
+    const float* kn = kp + n * D * kKeyPanel;
+    float* sn = w.s.data() + n * kKeyPanel;
+    if (panels - n >= 2) score_rows8<2>(w.q.data(), rows, D, kn, sn, width);
+    else score_rows8<1>(w.q.data(), rows, D, kn, sn, width);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    w.inv[r] = 1.0f / softmax_row8(w.s.data() + r * width, a.pos[t0 + r / G] + 1, width);
+  const float* vh = a.v + h * a.head_elems;
+  for (int64_t j0 = 0; j0 < L; j0 += kPvKeys) {
+    const int64_t j1 = std::min(L, j0 + kPvKeys);
+    int64_t r = 0;
+    for (; r + kPvRows <= rows; r += kPvRows)
+      pv_rows8<kPvRows>(w.s.data() + r * width, width, vh, D, j0, j1, w.acc.data() + r * D);
+    if (rows - r == 2) pv_rows8<2>(w.s.data() + r * width, width, vh, D, j0, j1, w.acc.data() + r * D);
+    if (rows - r == 1) pv_rows8<1>(w.s.data() + r * width, width, vh, D, j0, j1, w.acc.data() + r * D);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = a.out + ((t0 + r / G) * a.H + h * G + r % G) * D;
+    const __m256 inv = _mm256_set1_ps(w.inv[r]);
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(w.acc.data() + r * D + d), inv));
+  }
+}
+
+}  // namespace
+
+at::Tensor prefill_attention_fp32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t row,
+                                  const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1, "q: fp32 [H, T, D], d contiguous");
+  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kHalf && k.is_contiguous() && v.is_contiguous() &&
+              v.sizes() == k.sizes() && v.scalar_type() == at::kHalf, "k, v: contiguous fp16 [R, Hkv, S, D]");
+  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+              positions.numel() == q.size(1) && q.size(1) >= 1, "positions: int64 [T], T >= 1");
+  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), R = k.size(0), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(3) == D && D % 8 == 0, "head_dim must match and be a multiple of 8");
+  TORCH_CHECK(H % Hkv == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(row >= 0 && row < R, "row out of the cache's range");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  TORCH_CHECK(pos[0] >= 0 && pos[T - 1] < S, "positions out of the cache's range");
+  for (int64_t t = 1; t < T; ++t) TORCH_CHECK(pos[t] > pos[t - 1], "positions must be strictly increasing");
+
+  // Packed keys/values [0, span) of every kv head: the calling thread's buffers, reused (a fresh MB-sized
+  // buffer per call costs page faults).
+  const int64_t span = pos[T - 1] + 1, panels = (span + kKeyPanel - 1) / kKeyPanel, head_elems = panels * kKeyPanel * D;
+  static thread_local std::vector<float> kbuf, vbuf;
+  kbuf.resize(Hkv * head_elems);
+  vbuf.resize(Hkv * head_elems);
+  const uint16_t* kc = reinterpret_cast<const uint16_t*>(k.data_ptr()) + row * Hkv * S * D;
+  const uint16_t* vc = reinterpret_cast<const uint16_t*>(v.data_ptr()) + row * Hkv * S * D;
+  float* kb = kbuf.data();
+  float* vb = vbuf.data();
+  at::Tensor out = at::empty({T, H, D}, q.options());
+  const PrefillArgs32 args{q.data_ptr<float>(), q.stride(0), q.stride(1), kb, vb, head_elems, pos,
+                           H, H / Hkv, D, static_cast<float>(scale), out.data_ptr<float>()};
+  // Tasks (kv head, query block), costliest (longest prefix) first, taken by the threads in turn: the blocks
+  // of a causal prefill grow in cost, and a static split would hand one thread all the long ones.
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (kv head, first token)
+  for (int64_t t0 = 0; t0 < T; t0 += kQueryBlock8)
+    for (int64_t h = 0; h < Hkv; ++h) tasks.emplace_back(h, t0);
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const auto& x, const auto& y) {
+    return pos[std::min(T, x.second + kQueryBlock8) - 1] > pos[std::min(T, y.second + kQueryBlock8) - 1];
+  });
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks)));
+  // One parallel region (each region's fork and join costs the threads a wake-up): 1. pack, 2.-3. tasks.
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < Hkv * panels; ++i) {
+      const int64_t h = i / panels, j0 = i % panels * kKeyPanel, src = (h * S + j0) * D, dst = h * head_elems + j0 * D;
+      pack_panel8(kc + src, vc + src, std::min(kKeyPanel, span - j0), D, kb + dst, vb + dst);
+    }
+    static thread_local PrefillScratch32 w;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tasks; ++i) {
+      const auto [h, t0] = tasks[i];
+      prefill_task32(args, h, t0, std::min(T, t0 + kQueryBlock8), w);
+    }
+  }
+  return out.permute({1, 0, 2});
+}
+
+
 // ---- Cache writes of one sequence, AVX2 + F16C ------------------------------------------------------------
 // Why: a prompt around passages written from a passage cache has gaps in its positions, and torch's indexed
 // write (index_put of a converted, transposed copy) cost ~75 us per layer for ~45 tokens; a passage moved
@@ -1136,6 +1421,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("decode_attention", &decode_attention,
           "one query per entry over its cached keys/values (GQA), shared prefixes read once");
   mod.def("prefill_attention", &prefill_attention, "T queries of one sequence over its fp16 cache (AVX-512 BF16)");
+  mod.def("prefill_attention_fp32", &prefill_attention_fp32,
+          "T queries of one sequence over its fp16 cache (AVX2, fp32)");
   mod.def("int8_linear_bf16", &int8_linear_bf16,
           "int8 weights x many fp32 rows via bf16 dot products (AVX-512 BF16)");
   mod.def("int8_linear_bf16_rows", &int8_linear_bf16_rows,

@@ -21,7 +21,8 @@ The library's AVX-512 paths follow KUAIDA_NO_AVX512 (set to 1 for the AVX2 ones 
 --attention TxS ... times prefill attention instead: T new tokens at positions S - T .. S - 1 over an fp16
 cache (SmolLM2-135M's heads: 9 query, 3 kv, head_dim 64; 30 layers, each its own cache), the SDPA path
 (prefix copied to fp32, fp32 SDPA with a mask; also without the copy) against `kernels.prefill_attention`
-(AVX-512 BF16):
+(its AVX-512 BF16 kernel where the CPU has it, else the AVX2 fp32 one; KUAIDA_NO_BF16_ATTENTION=1 picks the
+fp32 kernel there too):
 
     python -m kuaida.kernels.bench --attention 19x422 47x1272 60x1179 300x1179 1000x1000 --repeats 21
 
@@ -159,9 +160,12 @@ def time_attention(T: int, S: int, repeats: int) -> dict[str, list[float]]:
 
 
 def attention_main(shapes: list[str], repeats: int) -> None:
-    if not kernels.bf16_attention():
-        raise SystemExit("the AVX-512 BF16 prefill-attention kernel is not available on this machine")
-    print(f"threads={torch.get_num_threads()}, {repeats} repeats, heads {ATTENTION_HEADS} (query, kv, dim), "
+    kind = kernels.prefill_kernel(torch.float16, ATTENTION_HEADS[2])
+    if kind is None:
+        raise SystemExit("no prefill-attention kernel on this machine (kernels not built, or "
+                         "KUAIDA_NO_PREFILL_KERNEL=1)")
+    print(f"kernel: {kind}, threads={torch.get_num_threads()}, {repeats} repeats, heads {ATTENTION_HEADS} "
+          "(query, kv, dim), "
           f"load average {os.getloadavg()[0]:.2f}; ms / layer, median (best)\n")
     print("| T | S | copy+SDPA fp32 | SDPA fp32 | kernel | speedup vs copy+SDPA | vs SDPA |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

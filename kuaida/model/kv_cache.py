@@ -15,8 +15,8 @@ class KVCache:
     """k[layer], v[layer]: [B, n_kv_heads, max_seq, head_dim], allocated once.
 
     fp16 storage halves the bytes a decode step streams (attention reads every cached key and value) and
-    the memory a conversation holds; prefill reads its prefix back in the activations' dtype, or in place
-    with the bf16 prefill kernel (`prefill`, one sequence, where the CPU has AVX512-BF16).
+    the memory a conversation holds; a prefill of one sequence reads its prefix in place with a kernel
+    (`prefill`), other prefills read it back in the activations' dtype.
 
     Rows are independent sequences; a forward writes each new token's key/value at its position and
     reads back the prefix up to the longest position in the batch (a mask hides the rest per row).
@@ -79,10 +79,10 @@ class KVCache:
         return self.k[layer][rows, :, :span].to(k.dtype), self.v[layer][rows, :, :span].to(v.dtype)
 
     def prefills_in_place(self) -> bool:
-        """True when `prefill` (one sequence) reads this cache in place with the AVX-512 BF16 kernel: an fp16
-        cache, head_dim a multiple of 32, and kernels.bf16_attention() (the CPU has AVX512-BF16,
-        KUAIDA_NO_BF16_ATTENTION is not 1). Otherwise prefills go through `update` and SDPA."""
-        return self.k[0].dtype == torch.float16 and self.k[0].shape[-1] % 32 == 0 and kernels.bf16_attention()
+        """True when `prefill` (one sequence) reads this cache in place with a prefill-attention kernel
+        (kernels.prefill_kernel: an fp16 cache, AVX-512 BF16 or AVX2 kernels). Otherwise prefills go
+        through `update` and SDPA."""
+        return kernels.prefill_kernel(self.k[0].dtype, self.k[0].shape[-1]) is not None
 
     def prefill(self, layer: int, row: int, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,7 @@ class Transformer(nn.Module):
         # Prefill: write the new keys/values, then attend over the prefix up to the longest row's position.
         if B == 1 and not isinstance(rows, slice):
             rows = slice(int(rows[0]), int(rows[0]) + 1)  # one row: the cache's view-only fast path
-        if B == 1 and cache.prefills_in_place():  # fp16 cache, AVX512-BF16: the kernel reads it in place
+        if B == 1 and cache.prefills_in_place():  # fp16 cache: a kernel reads it in place
             row = range(cache.batch)[rows][0]
             return lambda layer, q, k, v: cache.prefill(layer, row, positions, q, k, v)
         span = int(positions.max()) + 1

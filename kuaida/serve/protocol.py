@@ -291,7 +291,8 @@ class DraftAccepted(BaseModel):
     object: Literal["draft"] = "draft"
     prompt_tokens: int = Field(description="The prompt tokens known so far, queued to be written while the "
                                            "server is idle (0: nothing to write, e.g. an empty draft with a "
-                                           "knowledge base, or one that could never fit).")
+                                           "knowledge base, one that could never fit, or a server "
+                                           "started with --no-prefix-cache).")
 
 
 class SessionDeleted(BaseModel):

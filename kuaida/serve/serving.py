@@ -266,10 +266,7 @@ class OpenAIServing:
         return self._type_ahead(ids)
 
     def _type_ahead(self, ids: list[int]) -> DraftAccepted:
-        if len(ids) >= self.scheduler.max_context:
-            ids = []
-        self.scheduler.type_ahead(ids)
-        return DraftAccepted(prompt_tokens=len(ids))
+        return DraftAccepted(prompt_tokens=len(ids) if self.scheduler.type_ahead(ids) else 0)
 
     # -- /v1/sessions --------------------------------------------------------------------------------
     async def create_session(self, req: SessionCreateRequest, owner: str | None) -> SessionObject:
