@@ -5,8 +5,11 @@ feature works while the server is idle; a client that answers within 50 ms gets 
 nothing).
 
     python benchmarks/scripts/next_turn_ab.py [CONVERSATIONS] [THINK_S] [--turns N] [--kb] [--type-ahead]
-                                              [--md P] [--json P]
+                                              [--env-off VAR=VALUE] [--md P] [--json P]
     # defaults: 5 conversations of 10 turns, 1.0 s think time
+
+--env-off VAR=VALUE: both servers as `kuaida serve` starts, the second ("off") with VAR=VALUE in its
+environment, e.g. KUAIDA_NO_PREFILL_KERNEL=1 (prefill attention through SDPA instead of the kernel).
 
 --type-ahead: both servers as `kuaida serve` starts (next-turn tokens on); the client of the first
 ("typed") also sends drafts of each message while its user types, the first message's too (POST
@@ -50,12 +53,19 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--kb", action="store_true", help="grounded conversations on the sample base")
     ap.add_argument("--type-ahead", action="store_true", help="compare a client that sends typing drafts")
+    ap.add_argument("--env-off", metavar="VAR=VALUE", help="compare servers alike but for this variable")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     turns = args.turns
     settings = LoadSettings(turns=turns)
     names = {"typed": [], "untyped": []} if args.type_ahead else {"on": [], "off": ["--no-prefill-next-turn"]}
+    envs: dict[str, dict[str, str]] = {}
+    if args.env_off:
+        var, sep, value = args.env_off.partition("=")
+        if not sep or not var or args.type_ahead:
+            raise SystemExit("--env-off takes VAR=VALUE, and not with --type-ahead")
+        names, envs = {"on": [], "off": []}, {"off": {var: value}}
     extra = None
     if args.kb:  # 61 questions: conversations of `turns` consecutive ones, wrapping around
         questions = [q.question for q in load_questions(sample_path() / QUESTIONS_FILE)]
@@ -78,7 +88,8 @@ def main() -> None:
             port = free_port()
             db = ["--db", f"{tmp}/{name}.db"]
             cmd = [*kuaida_command("default", "int8", True, port), *db, *flags, *kb_args]
-            targets[name] = stack.enter_context(serving(name, cmd, port, "/health", Path(tmp)))
+            targets[name] = stack.enter_context(serving(name, cmd, port, "/health", Path(tmp),
+                                                        env=envs.get(name)))
         for target in targets.values():  # first-call allocations, untimed
             chat_stream(target, [{"role": "user", "content": "Hi!"}], settings, 1)
         for i, user in enumerate(conversations, 1):
@@ -99,7 +110,7 @@ def main() -> None:
             print(f"conversation {i}/{len(conversations)} done", flush=True)
     report = {"command": command_line(), "machine": machine_info(THREADS),
               "conversations": args.conversations, "think_s": args.think_s, "knowledge": args.kb,
-              "type_ahead": args.type_ahead, "turns": []}
+              "type_ahead": args.type_ahead, "env_off": args.env_off, "turns": []}
     for turn in range(turns):
         report["turns"].append({"turn": turn + 1, **{
             name: {"ttft_ms_each": [round(t, 1) for t, _ in rows[name][turn]],
@@ -120,9 +131,12 @@ def to_markdown(report: dict) -> str:
     n = len(report["turns"])
     typed = report.get("type_ahead")
     on_key, off_key = ("typed", "untyped") if typed else ("on", "off")
+    env_off = report.get("env_off")
     title = ("Drafts while typing (POST /v1/chat/drafts): sent / not sent" if typed
+             else f"`kuaida serve` / the same with {env_off}" if env_off
              else "Next-turn tokens written ahead: on / off")
-    on_col, off_col = ("with drafts", "without") if typed else ("written ahead", "off")
+    on_col, off_col = (("with drafts", "without") if typed else ("as served", env_off) if env_off
+                       else ("written ahead", "off"))
     lines = [f"# {title}", "", machine, f"Command: `{report['command']}`  ",
              (f"{report['conversations']} conversations x {n} turns on each server, {report['think_s']} s "
               "think time after every reply; medians over the conversations."

@@ -561,10 +561,11 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float, log_path: Pat
 
 @contextlib.contextmanager
 def serving(name: str, cmd: list[str], port: int, health: str, log_dir: Path,
-            ready_timeout_s: float = 900.0) -> Iterator[Target]:
-    """Run a server process for the duration of the block (its output goes to a log file)."""
+            ready_timeout_s: float = 900.0, env: dict[str, str] | None = None) -> Iterator[Target]:
+    """Run a server process for the duration of the block (its output goes to a log file), with `env`
+    added to its environment."""
     log_path = log_dir / f"server-{port}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     log.info("starting %s: %s", name, shlex.join(cmd))
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
