@@ -1,10 +1,12 @@
 """Where a prefill's time goes on this CPU: the default model (int8, as the server loads it), one cache
 row holding 1,280 tokens of random history, then T new tokens at positions P .. P + T - 1 (the server's
 turn prefills: turn 1 of bench load is ~19 new tokens after the 403-token system prompt, turn 10 ~48 after
-~1,230). Int8 matmuls, the cache write + fp32 copy and SDPA (the path without AVX512-BF16) are timed by
-wrappers; ms per prefill, mean of 5 after 2 warm-up runs.
+~1,230). Int8 matmuls, the prefill-attention kernel with its cache writes (`KVCache.prefill`), or with
+KUAIDA_NO_PREFILL_KERNEL=1 the cache write + fp32 copy and SDPA, are timed by wrappers; ms per prefill,
+mean of 5 after 2 warm-up runs.
 
     python benchmarks/scripts/prefill_profile.py
+    KUAIDA_NO_PREFILL_KERNEL=1 python benchmarks/scripts/prefill_profile.py
 
 Results: benchmarks/results/kernels.md.
 """
