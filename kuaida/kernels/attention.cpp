@@ -833,21 +833,47 @@ at::Tensor int8_linear_bf16(const at::Tensor& x, const at::Tensor& q, const at::
   return y;
 }
 
-at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t row,
-                             const at::Tensor& positions, double scale) {
-  TORCH_CHECK(cpu_has_avx512_bf16(), "prefill_attention needs AVX512-BF16");
+namespace {
+
+// What both prefill kernels take: q fp32 [H, T, D] (d contiguous), k and v contiguous fp16 [R, Hkv, S, D]
+// with D a multiple of `dim_multiple`, a row of the cache, positions int64 [T] strictly increasing in it.
+void check_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t row,
+                   const at::Tensor& positions, int64_t dim_multiple) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1, "q: fp32 [H, T, D], d contiguous");
   TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kHalf && k.is_contiguous() && v.is_contiguous() &&
               v.sizes() == k.sizes() && v.scalar_type() == at::kHalf, "k, v: contiguous fp16 [R, Hkv, S, D]");
   TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.is_contiguous() &&
               positions.numel() == q.size(1) && q.size(1) >= 1, "positions: int64 [T], T >= 1");
   const int64_t H = q.size(0), T = q.size(1), D = q.size(2), R = k.size(0), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(3) == D && D % 32 == 0, "head_dim must match and be a multiple of 32");
+  TORCH_CHECK(k.size(3) == D && D % dim_multiple == 0, "head_dim must match and be a multiple of ", dim_multiple);
   TORCH_CHECK(H % Hkv == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(row >= 0 && row < R, "row out of the cache's range");
   const int64_t* pos = positions.data_ptr<int64_t>();
   TORCH_CHECK(pos[0] >= 0 && pos[T - 1] < S, "positions out of the cache's range");
   for (int64_t t = 1; t < T; ++t) TORCH_CHECK(pos[t] > pos[t - 1], "positions must be strictly increasing");
+}
+
+// A prefill's tasks (kv head, first token of a block of `block` tokens), costliest (longest prefix) first, for
+// the threads to take in turn: the blocks of a causal prefill grow in cost, and a static split would hand one
+// thread all the long ones.
+std::vector<std::pair<int64_t, int64_t>> prefill_tasks(const int64_t* pos, int64_t T, int64_t Hkv, int64_t block) {
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  for (int64_t t0 = 0; t0 < T; t0 += block)
+    for (int64_t h = 0; h < Hkv; ++h) tasks.emplace_back(h, t0);
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const auto& x, const auto& y) {
+    return pos[std::min(T, x.second + block) - 1] > pos[std::min(T, y.second + block) - 1];
+  });
+  return tasks;
+}
+
+}  // namespace
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t row,
+                             const at::Tensor& positions, double scale) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "prefill_attention needs AVX512-BF16");
+  check_prefill(q, k, v, row, positions, 32);
+  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
+  const int64_t* pos = positions.data_ptr<int64_t>();
 
   // 1. pack keys [0, span) of every kv head; buffers of the calling thread, reused (a fresh MB-sized buffer
   // per call costs page faults).
@@ -866,17 +892,11 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
     }
   });
 
-  // 2., 3. tasks (kv head, query block), costliest (longest prefix) first, taken by the workers in turn: the
-  // blocks of a causal prefill grow in cost, and a static split would hand one thread all the long ones.
+  // 2., 3. tasks (kv head, query block), taken by the workers in turn (prefill_tasks).
   at::Tensor out = at::empty({T, H, D}, q.options());
   const PrefillArgs args{q.data_ptr<float>(), q.stride(0), q.stride(1), kb, vb, head_pairs, pos,
                          H, H / Hkv, D, static_cast<float>(scale * 1.44269504088896341), out.data_ptr<float>()};
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (kv head, first token)
-  for (int64_t t0 = 0; t0 < T; t0 += kQueryBlock)
-    for (int64_t h = 0; h < Hkv; ++h) tasks.emplace_back(h, t0);
-  std::stable_sort(tasks.begin(), tasks.end(), [&](const auto& x, const auto& y) {
-    return pos[std::min(T, x.second + kQueryBlock) - 1] > pos[std::min(T, y.second + kQueryBlock) - 1];
-  });
+  const std::vector<std::pair<int64_t, int64_t>> tasks = prefill_tasks(pos, T, Hkv, kQueryBlock);
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_tasks), 1, [&](int64_t, int64_t) {
@@ -968,29 +988,38 @@ void pack_panel8(const uint16_t* k, const uint16_t* v, int64_t n, int64_t D, flo
       _mm256_storeu_ps(vp + i * D + d, i < n ? load8(v + i * D + d) : _mm256_setzero_ps());
 }
 
-// s[r][8 n + i] = q[r] . key[8 n + i] for MR rows (q: fp32 [MR][D], pre-scaled) and NR panels (kp [NR][D][8]).
-template <int MR, int NR>
-void score_tile8(const float* q, int64_t D, const float* kp, float* s, int64_t lds) {
-  __m256 acc[MR][NR];
+// c[r][8 n .. 8 n + 8) (+)= sum_{t0 <= t < t1} a[r lda + t] * b[t bt + n bn .. + 8) for MR rows and NC columns
+// of 8 floats: a register tile, MR x NC accumulators, NC loads and MR broadcasts per t. Scores (q rows times
+// key panels: bt = 8, bn = 8 D) and P @ V (P rows times value rows: bt = D, bn = 8) are both one.
+template <int MR, int NC, bool kAccumulate>
+void tile8(const float* a, int64_t lda, const float* b, int64_t bt, int64_t bn, int64_t t0, int64_t t1, float* c,
+           int64_t ldc) {
+  __m256 acc[MR][NC];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int n = 0; n < NR; ++n) acc[r][n] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m256 k[NR];
-#pragma GCC unroll 4
-    for (int n = 0; n < NR; ++n) k[n] = _mm256_loadu_ps(kp + (n * D + d) * kKeyPanel);
+#pragma GCC unroll 8
+    for (int n = 0; n < NC; ++n) acc[r][n] = kAccumulate ? _mm256_loadu_ps(c + r * ldc + n * 8) : _mm256_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    __m256 bv[NC];
+#pragma GCC unroll 8
+    for (int n = 0; n < NC; ++n) bv[n] = _mm256_loadu_ps(b + t * bt + n * bn);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m256 qb = _mm256_broadcast_ss(q + r * D + d);
-#pragma GCC unroll 4
-      for (int n = 0; n < NR; ++n) acc[r][n] = _mm256_fmadd_ps(qb, k[n], acc[r][n]);
+      const __m256 ab = _mm256_broadcast_ss(a + r * lda + t);
+#pragma GCC unroll 8
+      for (int n = 0; n < NC; ++n) acc[r][n] = _mm256_fmadd_ps(ab, bv[n], acc[r][n]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int n = 0; n < NR; ++n) _mm256_storeu_ps(s + r * lds + n * kKeyPanel, acc[r][n]);
+#pragma GCC unroll 8
+    for (int n = 0; n < NC; ++n) _mm256_storeu_ps(c + r * ldc + n * 8, acc[r][n]);
+}
+
+// s[r][8 n + i] = q[r] . key[8 n + i] for MR rows (q: fp32 [MR][D], pre-scaled) and NR panels (kp [NR][D][8]).
+template <int MR, int NR>
+void score_tile8(const float* q, int64_t D, const float* kp, float* s, int64_t lds) {
+  tile8<MR, NR, false>(q, D, kp, kKeyPanel, D * kKeyPanel, 0, D, s, lds);
 }
 
 template <int NR>
@@ -1042,26 +1071,7 @@ float softmax_row8(float* s, int64_t len, int64_t width) {
 template <int MR, int NC>
 void pv_tile8(const float* p, int64_t ldp, const float* v, int64_t D, int64_t j0, int64_t j1, float* acc,
               int64_t d0) {
-  __m256 a[MR][NC];
-#pragma GCC unroll 4
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) a[r][c] = _mm256_loadu_ps(acc + r * D + d0 + c * 8);
-  for (int64_t j = j0; j < j1; ++j) {
-    __m256 vv[NC];
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) vv[c] = _mm256_loadu_ps(v + j * D + d0 + c * 8);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m256 pb = _mm256_broadcast_ss(p + r * ldp + j);
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) a[r][c] = _mm256_fmadd_ps(pb, vv[c], a[r][c]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + r * D + d0 + c * 8, a[r][c]);
+  tile8<MR, NC, true>(p, ldp, v + d0, D, 8, j0, j1, acc + d0, D);
 }
 
 template <int MR>
@@ -1120,18 +1130,9 @@ void prefill_task32(const PrefillArgs32& a, int64_t h, int64_t t0, int64_t t1, P
 
 at::Tensor prefill_attention_fp32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t row,
                                   const at::Tensor& positions, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1, "q: fp32 [H, T, D], d contiguous");
-  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kHalf && k.is_contiguous() && v.is_contiguous() &&
-              v.sizes() == k.sizes() && v.scalar_type() == at::kHalf, "k, v: contiguous fp16 [R, Hkv, S, D]");
-  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.is_contiguous() &&
-              positions.numel() == q.size(1) && q.size(1) >= 1, "positions: int64 [T], T >= 1");
-  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), R = k.size(0), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(3) == D && D % 8 == 0, "head_dim must match and be a multiple of 8");
-  TORCH_CHECK(H % Hkv == 0, "query heads must be a multiple of kv heads");
-  TORCH_CHECK(row >= 0 && row < R, "row out of the cache's range");
+  check_prefill(q, k, v, row, positions, 8);
+  const int64_t H = q.size(0), T = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
   const int64_t* pos = positions.data_ptr<int64_t>();
-  TORCH_CHECK(pos[0] >= 0 && pos[T - 1] < S, "positions out of the cache's range");
-  for (int64_t t = 1; t < T; ++t) TORCH_CHECK(pos[t] > pos[t - 1], "positions must be strictly increasing");
 
   // Packed keys/values [0, span) of every kv head: the calling thread's buffers, reused (a fresh MB-sized
   // buffer per call costs page faults).
@@ -1146,14 +1147,8 @@ at::Tensor prefill_attention_fp32(const at::Tensor& q, const at::Tensor& k, cons
   at::Tensor out = at::empty({T, H, D}, q.options());
   const PrefillArgs32 args{q.data_ptr<float>(), q.stride(0), q.stride(1), kb, vb, head_elems, pos,
                            H, H / Hkv, D, static_cast<float>(scale), out.data_ptr<float>()};
-  // Tasks (kv head, query block), costliest (longest prefix) first, taken by the threads in turn: the blocks
-  // of a causal prefill grow in cost, and a static split would hand one thread all the long ones.
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (kv head, first token)
-  for (int64_t t0 = 0; t0 < T; t0 += kQueryBlock8)
-    for (int64_t h = 0; h < Hkv; ++h) tasks.emplace_back(h, t0);
-  std::stable_sort(tasks.begin(), tasks.end(), [&](const auto& x, const auto& y) {
-    return pos[std::min(T, x.second + kQueryBlock8) - 1] > pos[std::min(T, y.second + kQueryBlock8) - 1];
-  });
+  // Tasks (kv head, query block), taken by the threads in turn (prefill_tasks).
+  const std::vector<std::pair<int64_t, int64_t>> tasks = prefill_tasks(pos, T, Hkv, kQueryBlock8);
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks)));
   // One parallel region (each region's fork and join costs the threads a wake-up): 1. pack, 2.-3. tasks.
