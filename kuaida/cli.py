@@ -130,10 +130,15 @@ def serve(
                           prefix_cache=prefix_cache, kb_dir=kb_dir, knowledge_bases=tuple(kb),
                           passage_cache_mb=passage_cache_mb, prompt_lookup=prompt_lookup,
                           prefill_next_turn=prefill_next_turn)
+    from kuaida import kernels
+
     with err.status(f"loading {model} ({dtype}) ..."):
-        server_app = create_app(config, load_weights(model, dtype))
+        loaded = load_weights(model, dtype)
+        server_app = create_app(config, loaded)
+    head_dim = getattr(getattr(loaded.model, "args", None), "head_dim", 64)  # a transformers model: no args
+    paths = kernels.describe(head_dim)
     run_server(server_app, on_ready=lambda url: typer.echo(
-        f"kuaida serving {config.model_id} at {url} (web chat at /, API at /v1)"))
+        f"kuaida serving {config.model_id} at {url} (web chat at /, API at /v1); {paths}"))
 
 
 app.add_typer(kb_app, name="kb", help=kb_app.info.help)

@@ -167,3 +167,12 @@ def test_fp32_cache_keeps_sdpa(kind):
     model = Transformer(ModelArgs.preset("tiny", dim=128, n_heads=4, n_kv_heads=2)).eval()
     assert not model.new_cache(dtype=torch.float32).prefills_in_place()
     assert model.new_cache(dtype=torch.float16).prefills_in_place()
+
+
+def test_describe_names_the_paths_in_use(kind, monkeypatch):
+    want = {"bf16": "prefill attention AVX-512 BF16", "fp32": "prefill attention AVX2 fp32"}[kind]
+    assert kernels.describe().endswith(want)
+    monkeypatch.setenv("KUAIDA_NO_PREFILL_KERNEL", "1")
+    assert kernels.describe().endswith("prefill attention SDPA")
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert kernels.describe().startswith("PyTorch fallback")

@@ -311,6 +311,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: in
     return F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, enable_gqa=True)[0]
 
 
+def describe(head_dim: int = 64) -> str:
+    """The compute paths this process takes, in a few words (`kuaida serve` prints it at start: a slow
+    server on a CPU without AVX2, or without a compiler, says so)."""
+    if not available():
+        return "PyTorch fallback (kernels off or not built: slow)"
+    if fused_int8():
+        matmuls = "int8 AVX-512 BF16, int4 AVX-512 VNNI"
+    elif avx512():
+        matmuls = "int8/int4 AVX-512 VNNI"
+    elif rows16():
+        matmuls = "int8 AVX2 (16-bit activations), int4 AVX2"
+    else:
+        matmuls = "int8/int4 AVX2"
+    kind = prefill_kernel(torch.float16, head_dim)
+    attention = {"bf16": "AVX-512 BF16", "fp32": "AVX2 fp32", None: "SDPA"}[kind]
+    return f"matmuls {matmuls}; prefill attention {attention}"
+
+
 def _fp16_write_fits(kc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the C++ cache writes take these: kernels in use, a contiguous fp16 cache, fp32 k and v with
     contiguous head dims (a multiple of 8)."""
