@@ -32,6 +32,12 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+inline float hmax8(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {  // 8 fp16 -> fp32 (F16C)
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -62,9 +68,7 @@ void softmax_inplace(float* p, int64_t L) {
   __m256 m = _mm256_set1_ps(-INFINITY);
   int64_t t = 0;
   for (; t + 8 <= L; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(p + t));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  float mx = hmax8(m);
   for (; t < L; ++t) mx = std::max(mx, p[t]);
   const __m256 m8 = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
@@ -1046,9 +1050,7 @@ float softmax_row8(float* s, int64_t len, int64_t width) {
   const int64_t tail = len - j;  // 0..7 visible lanes in the vector at j
   const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)), lane));
   if (tail) mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j), live));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))));
+  const __m256 m = _mm256_set1_ps(hmax8(mx));
   __m256 sum = _mm256_setzero_ps();
   for (j = 0; j + 8 <= len; j += 8) {
     const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
@@ -1104,7 +1106,7 @@ void prefill_task32(const PrefillArgs32& a, int64_t h, int64_t t0, int64_t t1, P
   for (int64_t n = 0; n < panels; n += kScorePanels) {  // two panels (4 KB at D = 64) stay in L1 for all rows
     const float* kn = kp + n * D * kKeyPanel;
     float* sn = w.s.data() + n * kKeyPanel;
-    if (panels - n >= 2) score_rows8<2>(w.q.data(), rows, D, kn, sn, width);
+    if (panels - n >= kScorePanels) score_rows8<kScorePanels>(w.q.data(), rows, D, kn, sn, width);
     else score_rows8<1>(w.q.data(), rows, D, kn, sn, width);
   }
   for (int64_t r = 0; r < rows; ++r)
